@@ -1,0 +1,107 @@
+"""``PiCaConfig``: the PEFT config of PiCa, validated on construction and on load."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PICA_PEFT_TYPE
+
+__all__ = ["PiCaConfig"]
+
+_PROJECTOR_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class PiCaConfig(PeftConfig):
+    """Configuration of a PiCa adapter.
+
+    PiCa adds ``M_g P_i`` to each targeted weight ``W0_i (out×in)``: ``P_i (rank×in)`` are the frozen
+    top-``rank`` right singular vectors of ``W0_i``; ``M_g (out×rank)`` is trainable, zero at start,
+    and shared by all layers of the same role (group ``g``) unless ``share_across_layers=False``.
+
+    Unknown keys are refused (``ValueError`` naming them), also when loading an
+    ``adapter_config.json``: a PiCa adapter from a newer version must not load with a silently
+    different meaning.
+
+    Attributes:
+        rank: number of singular directions per layer; ``1 ≤ rank ≤ min(in, out)`` of every target.
+        target_modules: module names matched exactly or as a dotted-path suffix (list), or a regex
+            full-matched against the whole path (str). ``None`` uses the default for the model type.
+        exclude_modules: same matching rules; these modules are never adapted.
+        share_across_layers: one ``M`` per role (module path with layer indices wildcarded) if True,
+            one ``M`` per layer if False.
+        layers_to_transform: only adapt layers with these indices (int or list).
+        layers_pattern: name of the layer-list attribute (e.g. ``"layers"``) used with
+            ``layers_to_transform``.
+        modules_to_save: extra modules trained in full and saved (e.g. a classifier head).
+        store_projector: store each ``P`` in the adapter file (exact reload anywhere). If False only
+            ``M`` and fingerprints are stored and ``P`` is recomputed at load.
+        projector_dtype: precision of the projector computation, ``"float32"`` or ``"float64"``.
+    """
+
+    rank: int = field(default=256, metadata={"help": "Number of top right singular directions per layer."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (exact or dotted suffix) or a full-match regex."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex never to adapt."}
+    )
+    share_across_layers: bool = field(default=True, metadata={"help": "One M per role (True) or per layer."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Layer-list attribute name used with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. classifier)."}
+    )
+    store_projector: bool = field(default=True, metadata={"help": "Store P in the adapter file."})
+    projector_dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "Precision of the projector computation."}
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "PiCaConfig":
+        known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        unknown = sorted(set(kwargs) - known)
+        if known and unknown:
+            raise ValueError(f"PiCaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PICA_PEFT_TYPE
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"PiCaConfig.rank must be a positive int, got {self.rank!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, str):
+                if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+                    raise ValueError(f"PiCaConfig.{name} must be None, a regex str or a list of names, got {value!r}")
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            raise ValueError("PiCaConfig.target_modules is empty; give module names or leave it None for defaults")
+        for name in ("share_across_layers", "store_projector", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PiCaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.projector_dtype not in _PROJECTOR_DTYPES:
+            raise ValueError(f"PiCaConfig.projector_dtype must be one of {_PROJECTOR_DTYPES}, got {self.projector_dtype!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) else layers
+            if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                raise ValueError(f"PiCaConfig.layers_to_transform must be an int or list of ints, got {layers!r}")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("PiCaConfig.layers_pattern needs layers_to_transform to be set")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("PiCaConfig.layers_to_transform cannot be used when target_modules is a regex str")
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)
+        ):
+            raise ValueError(f"PiCaConfig.modules_to_save must be a list of str, got {self.modules_to_save!r}")

@@ -1,0 +1,131 @@
+"""Plan an adapter before touching the model: targets, groups, projectors, shared ``M``.
+
+Every check runs here, before peft replaces a single module, so a bad config or model leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..projector import FINGERPRINT_SIZE, top_right_singular_vectors, weight_fingerprint
+from .grouping import group_of, validate_groups
+from .layer import base_weight_out_in
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdapterPlan", "LayerPlan", "plan_adapter"]
+
+
+@dataclass
+class LayerPlan:
+    """What one targeted layer receives.
+
+    Attributes:
+        group: group key (role, or the module name when unshared).
+        projector: ``(rank, in_features)`` frozen ``P``.
+        fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
+    """
+
+    group: str
+    projector: torch.Tensor
+    fingerprint: torch.Tensor
+
+
+@dataclass
+class AdapterPlan:
+    """Per-module plans and the shared trainable ``M`` of each group (``(out_features, rank)``)."""
+
+    layers: dict[str, LayerPlan]
+    updates: dict[str, nn.Parameter]
+
+
+def _candidates(model: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+    return sorted(names)[:12]
+
+
+def _find_targets(model: nn.Module, is_target: Callable[[str], object]) -> dict[str, nn.Module]:
+    """Module name → base layer of every module the config targets (skipping adapter internals)."""
+    targets: dict[str, nn.Module] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            inside.append(name + ".")
+        match = is_target(name)
+        if not match or isinstance(match, _ExcludedModule):
+            continue
+        targets[name] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return targets
+
+
+def plan_adapter(
+    model: nn.Module,
+    rank: int,
+    share_across_layers: bool,
+    projector_dtype: torch.dtype,
+    is_target: Callable[[str], object],
+    target_description: object,
+) -> AdapterPlan:
+    """Find, validate and prepare every target of one adapter.
+
+    Args:
+        model: the model to adapt (not yet modified).
+        rank: the config's rank.
+        share_across_layers: group by role (True) or per layer (False).
+        projector_dtype: float32 or float64 for the projector computation.
+        is_target: peft's matcher for the prepared config (name → truthy / ``_ExcludedModule``).
+        target_description: the config's ``target_modules``, for error messages.
+
+    Returns:
+        The plan; nothing in ``model`` has changed.
+
+    Raises:
+        ValueError: no matches (listing candidates), rank too large (listing modules), mixed
+            ``out_features`` in a group, non-finite weights (naming modules).
+        TypeError: a target of an unsupported layer type (naming it).
+    """
+    targets = _find_targets(model, is_target)
+    if not targets:
+        raise ValueError(
+            f"PiCa target_modules {target_description!r} matched no module of {type(model).__name__}; "
+            f"linear layer names in this model include {_candidates(model)}"
+        )
+    unsupported = [f"{n} ({type(m).__name__})" for n, m in targets.items() if not isinstance(m, (nn.Linear, Conv1D))]
+    if unsupported:
+        raise TypeError(f"PiCa supports nn.Linear and transformers Conv1D only; targeted: {unsupported[:8]}")
+    weights = {name: base_weight_out_in(module) for name, module in targets.items()}
+    too_small = [f"{n} {tuple(w.shape)}" for n, w in weights.items() if rank > min(w.shape)]
+    if too_small:
+        raise ValueError(f"PiCaConfig.rank={rank} exceeds min(out_features, in_features) of {too_small[:8]}")
+    groups = {name: group_of(name, share_across_layers) for name in targets}
+    members = validate_groups(groups, {name: w.shape[0] for name, w in weights.items()})
+
+    layers: dict[str, LayerPlan] = {}
+    for index, (name, weight) in enumerate(weights.items()):
+        if weight.is_meta:
+            projector = torch.empty(rank, weight.shape[1], device="meta")  # (rank, in_features)
+            fingerprint = torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta")
+        else:
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"PiCa target {name} has non-finite base weights")
+            projector = top_right_singular_vectors(weight, rank, projector_dtype).float()  # (rank, in_features)
+            fingerprint = weight_fingerprint(weight)
+        logger.debug("PiCa projector %d/%d: %s %s", index + 1, len(weights), name, tuple(weight.shape))
+        layers[name] = LayerPlan(groups[name], projector, fingerprint)
+    updates = {}
+    for group, names in members.items():
+        first = weights[names[0]]
+        updates[group] = nn.Parameter(torch.zeros(first.shape[0], rank, device=first.device))  # (out, rank) fp32
+    logger.info("PiCa: %d layers in %d groups, rank %d", len(layers), len(updates), rank)
+    return AdapterPlan(layers, updates)
