@@ -24,9 +24,9 @@ def test_forward_equals_linear_with_effective_weight(kind):
         w0 = base.weight.T if kind == "gpt2" else base.weight  # (out, in)
         if layer.in_features != 32:
             continue
-        expected = F.linear(x, w0 + layer.pica_M["default"] @ layer.pica_P["default"], base.bias)
+        expected = F.linear(x, w0 + layer.get_update("default") @ layer.pica_P["default"], base.bias)
         assert torch.allclose(layer(x), expected, atol=1e-5), name
-        assert torch.allclose(layer.get_delta_weight("default"), layer.pica_M["default"] @ layer.pica_P["default"])
+        assert torch.allclose(layer.get_delta_weight("default"), layer.get_update("default") @ layer.pica_P["default"])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -76,7 +76,7 @@ def test_safe_merge_refuses_non_finite_and_leaves_weight():
     layer = next(iter(pica_layers(model).values()))
     before = layer.get_base_layer().weight.detach().clone()
     with torch.no_grad():
-        layer.pica_M["default"][0, 0] = float("inf")
+        layer.get_update("default")[0, 0] = float("inf")
     with pytest.raises(ValueError, match="default"):
         layer.merge(safe_merge=True)
     assert torch.equal(layer.get_base_layer().weight, before) and not layer.merged

@@ -75,13 +75,13 @@ def test_shared_gradient_is_sum_of_per_layer_gradients():
     model(**example_inputs("llama")).logits.pow(2).mean().backward()
     for handle in handles:
         handle.remove()
-    shared = layers[0].pica_M["default"]
+    shared = layers[0].get_update("default")
     expected = torch.zeros_like(shared)
     for layer in layers:
         x, out = captured[layer]
         coordinates = x.reshape(-1, x.shape[-1]) @ layer.pica_P["default"].T  # (N, rank)
         expected += out.grad.reshape(-1, out.shape[-1]).T @ coordinates
-    assert all(layer.pica_M["default"] is shared for layer in layers)
+    assert all(layer.get_update("default") is shared for layer in layers)
     assert torch.allclose(shared.grad, expected, atol=1e-6, rtol=1e-4)
 
 
@@ -90,15 +90,15 @@ def test_sharing_survives_dtype_deepcopy_and_optimizer_step():
     for candidate in (copy.deepcopy(model), model.to(torch.float64), model.to(torch.float32)):
         groups: dict[str, set[int]] = {}
         for layer in pica_layers(candidate).values():
-            groups.setdefault(layer.pica_group["default"], set()).add(id(layer.pica_M["default"]))
+            groups.setdefault(layer.pica_group["default"], set()).add(id(layer.get_update("default")))
         assert len(groups) == 5 and all(len(ids) == 1 for ids in groups.values())
     optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 5
     model(**example_inputs("llama")).logits.sum().backward()
     optimizer.step()
     layers = [layer for name, layer in pica_layers(model).items() if name.endswith("q_proj")]
-    assert layers[0].pica_M["default"] is layers[1].pica_M["default"]
-    assert layers[0].pica_M["default"].abs().sum() > 0
+    assert layers[0].get_update("default") is layers[1].get_update("default")
+    assert layers[0].get_update("default").abs().sum() > 0
 
 
 def test_only_m_and_modules_to_save_change_after_training_steps():
@@ -123,7 +123,7 @@ def test_m_stays_fp32_on_bf16_base_and_forward_is_finite():
     model = get_peft_model(base, PiCaConfig(rank=4))
     randomize_updates(model)
     layers = pica_layers(model).values()
-    assert all(layer.pica_M["default"].dtype == torch.float32 for layer in layers)
+    assert all(layer.get_update("default").dtype == torch.float32 for layer in layers)
     assert all(layer.pica_P["default"].dtype == torch.float32 for layer in layers)
     logits = model_output(model, example_inputs("llama"))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
@@ -222,7 +222,7 @@ def test_several_named_adapters_add_set_delete():
     assert layer.pica_M["second"].shape == (32, 2) and not layer.pica_M["second"].requires_grad
     assert torch.equal(model_output(model, inputs), out_default)  # "default" still active
     model.set_adapter("second")
-    assert layer.pica_M["second"].requires_grad and not layer.pica_M["default"].requires_grad
+    assert layer.pica_M["second"].requires_grad and not layer.get_update("default").requires_grad
     assert torch.equal(model_output(model, inputs), reference)  # second's M is zero
     with model.disable_adapter():
         assert torch.equal(model_output(model, inputs), reference)

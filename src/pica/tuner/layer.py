@@ -1,9 +1,11 @@
 """The PiCa tuner layer: wraps an ``nn.Linear`` or transformers ``Conv1D`` base layer.
 
-Per adapter a layer holds the frozen projector ``P (rank×in)`` and fingerprint as buffers and a
-*reference* to its group's trainable ``M (out×rank)``: all members of a group hold the very same
-``nn.Parameter`` object, so ``parameters()`` and optimisers see it once and its gradient is the sum
-of the members' gradients.
+Per adapter a layer holds the frozen projector ``P (rank×in)`` and the base-weight fingerprint as
+buffers. The group's trainable ``M (out×rank)`` is registered on one member only, the group's
+*leader*; the other members keep a plain (unregistered) reference to the leader layer and read
+``leader.pica_M[adapter]`` at every use. So ``M`` appears once in ``parameters()``, in optimisers and
+in ``state_dict()``, its gradient is the sum over the members, and any route that replaces the
+parameter object (a loader assigning tensors, a dtype cast) keeps the group shared.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..functional import delta_weight, pica_delta
+from ..projector import fingerprint_distance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in"]
+__all__ = ["FINGERPRINT_TOLERANCE", "Linear", "PiCaLayer", "base_weight_out_in"]
+
+FINGERPRINT_TOLERANCE = 2e-2
+"""Largest accepted fingerprint distance (relative to ‖W0‖_F); bf16 rounding gives ~3e-3."""
 
 
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
@@ -37,7 +43,7 @@ class PiCaLayer(BaseTunerLayer):
     """State and merge logic shared by PiCa layer types."""
 
     adapter_layer_names = ("pica_M",)
-    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group")
+    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_leader")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -46,6 +52,9 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_fingerprint = BufferDict({}, persistent=True)
         self.rank: dict[str, int] = {}
         self.pica_group: dict[str, str] = {}
+        self.pica_leader: dict[str, PiCaLayer] = {}  # plain dict: the leader is not a submodule
+        self._base_fingerprint: dict[str, torch.Tensor] = {}  # computed from this base at injection
+        self._verified_fingerprint: dict[str, tuple[int, int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         weight = base_weight_out_in(self.get_base_layer())
@@ -55,7 +64,7 @@ class PiCaLayer(BaseTunerLayer):
     def update_layer(
         self,
         adapter_name: str,
-        update: nn.Parameter,
+        update: nn.Parameter | PiCaLayer,
         projector: torch.Tensor,
         fingerprint: torch.Tensor,
         group: str,
@@ -65,13 +74,19 @@ class PiCaLayer(BaseTunerLayer):
 
         Args:
             adapter_name: adapter name.
-            update: the group's shared trainable ``M``, ``(out_features, rank)``.
+            update: the group's trainable ``M``, ``(out_features, rank)``, if this layer leads its
+                group; otherwise the leader layer, whose ``M`` this layer uses.
             projector: frozen ``P``, ``(rank, in_features)``.
             fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
             group: the group key (for saving one ``M`` per group).
             inference_mode: freeze the adapter.
         """
         rank = projector.shape[0]
+        if isinstance(update, PiCaLayer):
+            self.pica_leader[adapter_name] = update
+            update = update.pica_M[adapter_name]
+        else:
+            self.pica_M[adapter_name] = update
         if update.shape != (self.out_features, rank) or projector.shape[1] != self.in_features:
             raise ValueError(
                 f"PiCa shapes do not fit a ({self.out_features}×{self.in_features}) layer: "
@@ -79,9 +94,9 @@ class PiCaLayer(BaseTunerLayer):
             )
         self.rank[adapter_name] = rank
         self.pica_group[adapter_name] = group
-        self.pica_M[adapter_name] = update
         self.pica_P[adapter_name] = projector
         self.pica_fingerprint[adapter_name] = fingerprint
+        self._base_fingerprint[adapter_name] = fingerprint.detach().clone()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -96,9 +111,32 @@ class PiCaLayer(BaseTunerLayer):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(target)
 
+    def get_update(self, adapter_name: str) -> nn.Parameter:
+        """The group's ``M``, ``(out_features, rank)`` (held by the group's leader layer)."""
+        leader = self.pica_leader.get(adapter_name, self)
+        return leader.pica_M[adapter_name]
+
+    def check_fingerprint(self, adapter_name: str) -> None:
+        """Compare the (possibly loaded) fingerprint with this base weight's; cached until it changes.
+
+        Raises:
+            ValueError: the adapter's fingerprint belongs to another base weight.
+        """
+        stored = self.pica_fingerprint[adapter_name]
+        state = (id(stored), stored._version)
+        if self._verified_fingerprint.get(adapter_name) == state or stored.is_meta:
+            return
+        distance = fingerprint_distance(stored, self._base_fingerprint[adapter_name])
+        if distance > FINGERPRINT_TOLERANCE:
+            raise ValueError(
+                f"PiCa adapter '{adapter_name}' was trained on a different base weight than this layer "
+                f"(group {self.pica_group[adapter_name]}, fingerprint distance {distance:.3g})"
+            )
+        self._verified_fingerprint[adapter_name] = state
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = M P`` in PyTorch layout ``(out_features, in_features)``, in ``M``'s dtype."""
-        return delta_weight(self.pica_P[adapter_name], self.pica_M[adapter_name])
+        return delta_weight(self.pica_P[adapter_name], self.get_update(adapter_name))
 
     def _delta_in_storage_layout(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         delta = self.get_delta_weight(adapter_name)  # (out, in)
@@ -119,8 +157,9 @@ class PiCaLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
         for name in adapter_names:
-            if name not in self.pica_M:
+            if name not in self.pica_P:
                 continue
+            self.check_fingerprint(name)
             delta = self._delta_in_storage_layout(name, weight.dtype)
             if safe_merge:
                 merged = weight.data + delta
@@ -139,7 +178,7 @@ class PiCaLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if name in self.pica_M:
+            if name in self.pica_P:
                 weight.data -= self._delta_in_storage_layout(name, weight.dtype)
 
 
@@ -161,9 +200,10 @@ class Linear(nn.Module, PiCaLayer):
         if self.merged:
             return result
         for name in self.active_adapters:
-            if name not in self.pica_M:
+            if name not in self.pica_P:
                 continue
-            result = result + pica_delta(x, self.pica_P[name], self.pica_M[name]).to(result.dtype)
+            self.check_fingerprint(name)
+            result = result + pica_delta(x, self.pica_P[name], self.get_update(name)).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

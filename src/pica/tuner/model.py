@@ -79,16 +79,19 @@ class PiCaModel(BaseTuner):
         if current_key not in plan.layers:
             raise ValueError(f"PiCa: module {current_key} was not planned for adapter '{adapter_name}'")
         layer_plan = plan.layers[current_key]
-        update = plan.updates[layer_plan.group]
-        args = (adapter_name, update, layer_plan.projector, layer_plan.fingerprint, layer_plan.group)
+        group = layer_plan.group
+        update = plan.leaders.get(group, plan.updates[group])  # the leader layer, or M for the leader
+        args = (adapter_name, update, layer_plan.projector, layer_plan.fingerprint, group)
         if isinstance(target, PiCaLayer):
-            target.update_layer(*args, inference_mode=peft_config.inference_mode)
-            return
-        new_module = Linear(target, adapter_name)
-        new_module.update_layer(*args, inference_mode=peft_config.inference_mode)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            layer = target
+            layer.update_layer(*args, inference_mode=peft_config.inference_mode)
+        else:
+            layer = Linear(target, adapter_name)
+            layer.update_layer(*args, inference_mode=peft_config.inference_mode)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, target)
+        plan.leaders.setdefault(group, layer)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Keep ``M`` and ``P`` in float32 whatever the model dtype (peft's cast would untie ``M``)."""
@@ -101,4 +104,4 @@ class PiCaModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        return serialization.check_and_expand_for_load(model, config, adapter_name, remapped)
+        return serialization.check_for_load(model, config, adapter_name, remapped)

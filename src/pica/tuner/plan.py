@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
@@ -42,10 +42,12 @@ class LayerPlan:
 
 @dataclass
 class AdapterPlan:
-    """Per-module plans and the shared trainable ``M`` of each group (``(out_features, rank)``)."""
+    """Per-module plans, the trainable ``M`` of each group (``(out_features, rank)``), and the layer
+    that leads (registers ``M`` for) each group once it exists."""
 
     layers: dict[str, LayerPlan]
     updates: dict[str, nn.Parameter]
+    leaders: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _candidates(model: nn.Module) -> list[str]:

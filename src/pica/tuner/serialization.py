@@ -1,15 +1,15 @@
-"""Adapter state dict on save (one ``M`` per group) and on load (expand, verify, or roll back).
+"""Adapter state dict on save and on load (verify against the base, or roll back).
 
 Saved keys (adapter name removed by peft)::
 
-    base_model.model.<first member of group>.pica_M            (out_features, rank)   once per group
-    base_model.model.<layer>.pica_P                             (rank, in_features)    if store_projector
-    base_model.model.<layer>.pica_fingerprint                   (9,) float64           always
+    base_model.model.<group leader>.pica_M        (out_features, rank)   once per group
+    base_model.model.<layer>.pica_P               (rank, in_features)    per layer, if store_projector
+    base_model.model.<layer>.pica_fingerprint     (9,) float64           per layer
 
-On load the group's ``M`` is given to every member key, ``P`` comes from the file (or, with
-``store_projector=False``, from the projector just computed), and each fingerprint is compared with
-the fingerprint of the base weight it is being loaded onto. Any problem raises ``ValueError``
-naming the modules, after removing the layers that were injected for this adapter.
+On load ``P`` comes from the file (or, with ``store_projector=False``, from the projector just
+computed), and each fingerprint is compared with the fingerprint of the base weight it is being
+loaded onto. Any problem raises ``ValueError`` naming the modules, after removing the layers that
+were injected for this adapter, so the base model is left as it was.
 """
 
 from __future__ import annotations
@@ -22,19 +22,16 @@ from peft.tuners.tuners_utils import _get_submodules
 from torch import nn
 
 from ..projector import fingerprint_distance
-from .layer import PiCaLayer
+from .layer import FINGERPRINT_TOLERANCE, PiCaLayer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINGERPRINT_TOLERANCE", "check_and_expand_for_load", "remove_adapter_layers", "select_for_save"]
-
-FINGERPRINT_TOLERANCE = 2e-2
-"""Largest accepted fingerprint distance (relative to ‖W0‖_F); bf16 rounding gives ~3e-3."""
+__all__ = ["check_for_load", "remove_adapter_layers", "select_for_save"]
 
 
 def _layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, PiCaLayer]]:
     for name, module in model.named_modules():
-        if isinstance(module, PiCaLayer) and adapter_name in module.pica_M:
+        if isinstance(module, PiCaLayer) and adapter_name in module.pica_P:
             yield name, module
 
 
@@ -45,16 +42,10 @@ def _key(module_name: str, attribute: str, adapter_name: str) -> str:
 def select_for_save(
     model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Drop repeated ``M`` keys (keep the first member of each group) and ``P`` if not stored."""
-    seen_groups: set[str] = set()
-    drop: set[str] = set()
-    for name, layer in _layers(model, adapter_name):
-        group = layer.pica_group[adapter_name]
-        if group in seen_groups:
-            drop.add(_key(name, "pica_M", adapter_name))
-        seen_groups.add(group)
-        if not config.store_projector:
-            drop.add(_key(name, "pica_P", adapter_name))
+    """Drop the projectors from the saved tensors unless ``config.store_projector``."""
+    if config.store_projector:
+        return state_dict
+    drop = {_key(name, "pica_P", adapter_name) for name, _ in _layers(model, adapter_name)}
     return {key: value for key, value in state_dict.items() if key not in drop}
 
 
@@ -76,10 +67,10 @@ def _check_tensor(problems: list[str], name: str, what: str, tensor: torch.Tenso
         problems.append(f"{name}: {what} has non-finite values")
 
 
-def check_and_expand_for_load(
+def check_for_load(
     model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Validate a remapped adapter state dict against the model and expand shared ``M``.
+    """Validate a remapped adapter state dict against the model it is about to be loaded into.
 
     Args:
         model: the (peft-wrapped) model whose PiCa layers for ``adapter_name`` were just injected.
@@ -88,7 +79,7 @@ def check_and_expand_for_load(
         state_dict: checkpoint tensors with model keys.
 
     Returns:
-        The state dict with an ``M`` entry for every member and a ``P`` for every layer.
+        The state dict, with the freshly computed ``P`` added where the file has none by design.
 
     Raises:
         ValueError: naming modules with missing/mis-shaped/non-finite tensors or a fingerprint that
@@ -96,18 +87,12 @@ def check_and_expand_for_load(
     """
     result = dict(state_dict)
     problems: list[str] = []
-    group_updates: dict[str, torch.Tensor] = {}
-    layers = list(_layers(model, adapter_name))
-    for name, layer in layers:
-        key = _model_key(state_dict, name, "pica_M", adapter_name)
-        if key in state_dict:
-            group_updates.setdefault(layer.pica_group[adapter_name], state_dict[key])
     mismatched: list[str] = []
-    for name, layer in layers:
+    for name, layer in _layers(model, adapter_name):
         rank, group = layer.rank[adapter_name], layer.pica_group[adapter_name]
-        update = group_updates.get(group)
-        _check_tensor(problems, name, f"M of group '{group}'", update, (layer.out_features, rank))
-        result[_model_key(state_dict, name, "pica_M", adapter_name)] = update
+        if adapter_name in layer.pica_M:  # the group's leader holds M
+            update = state_dict.get(_model_key(state_dict, name, "pica_M", adapter_name))
+            _check_tensor(problems, name, f"M of group '{group}'", update, (layer.out_features, rank))
         p_key = _model_key(state_dict, name, "pica_P", adapter_name)
         if p_key not in state_dict and not config.store_projector:
             result[p_key] = layer.pica_P[adapter_name]
@@ -128,19 +113,19 @@ def check_and_expand_for_load(
     if problems:
         remove_adapter_layers(model, adapter_name)
         raise ValueError(f"Cannot load PiCa adapter '{adapter_name}': " + "; ".join(problems[:8]))
-    return {key: value for key, value in result.items() if value is not None}
+    return result
 
 
 def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
     """Remove ``adapter_name`` from every PiCa layer; layers left without adapters become their base layer."""
     for name, layer in list(_layers(model, adapter_name)):
         layer.delete_adapter(adapter_name)
-        if not layer.pica_M:
+        if not layer.pica_P:
             parent, _, child_name = _get_submodules(model, name)
             setattr(parent, child_name, layer.get_base_layer())
     for module in model.modules():
         config = getattr(module, "peft_config", None)
         if isinstance(config, dict):
             config.pop(adapter_name, None)
-            if not config:
+            if not config and "peft_config" in vars(module):  # a plain attribute, not PeftModel's property
                 del module.peft_config
