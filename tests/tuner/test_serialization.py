@@ -177,3 +177,22 @@ def test_fresh_process_reloads_in_another_dtype(tmp_path):
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_low_cpu_mem_usage_load_keeps_sharing(tmp_path):
+    _, expected = _trained("llama", tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path, low_cpu_mem_usage=True, is_trainable=True)
+    assert torch.equal(model_output(loaded, example_inputs("llama")), expected)
+    assert len([p for p in loaded.parameters() if p.requires_grad]) == 5
+
+
+def test_round_trip_every_architecture(model_kind, tmp_path):
+    from tests.conftest import MODEL_FACTORIES
+
+    config = PiCaConfig(rank=4, modules_to_save=["classifier"] if model_kind in ("bert", "vit") else None)
+    model = get_peft_model(MODEL_FACTORIES[model_kind](), config)
+    randomize_updates(model)
+    expected = model_output(model, example_inputs(model_kind))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(MODEL_FACTORIES[model_kind](), tmp_path)
+    assert torch.equal(model_output(loaded, example_inputs(model_kind)), expected)
