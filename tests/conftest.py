@@ -90,6 +90,14 @@ def pica_layers(model: nn.Module) -> dict[str, PiCaLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, PiCaLayer)}
 
 
+def update_ids_by_group(model: nn.Module, adapter: str = "default") -> dict[str, set[int]]:
+    """Group key → ids of the M tensors its layers use (a shared group has exactly one)."""
+    groups: dict[str, set[int]] = {}
+    for layer in pica_layers(model).values():
+        groups.setdefault(layer.pica_group[adapter], set()).add(id(layer.get_update(adapter)))
+    return groups
+
+
 @pytest.fixture(params=sorted(MODEL_FACTORIES))
 def model_kind(request) -> str:
     return request.param

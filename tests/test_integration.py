@@ -6,7 +6,14 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from pica import PiCaConfig
-from tests.conftest import example_inputs, make_llama, model_output, pica_layers, randomize_updates
+from tests.conftest import (
+    example_inputs,
+    make_llama,
+    model_output,
+    pica_layers,
+    randomize_updates,
+    update_ids_by_group,
+)
 
 
 def _lm_dataset(n: int = 32) -> Dataset:
@@ -68,9 +75,7 @@ def test_transformers_load_adapter(tmp_path):
     base = make_llama()
     base.load_adapter(str(tmp_path))
     assert torch.allclose(model_output(base, example_inputs("llama")), expected, atol=1e-6)
-    groups: dict[str, set[int]] = {}
-    for layer in pica_layers(base).values():
-        groups.setdefault(layer.pica_group["default"], set()).add(id(layer.get_update("default")))
+    groups = update_ids_by_group(base)
     assert len(groups) == 5 and all(len(ids) == 1 for ids in groups.values())
 
 

@@ -20,6 +20,7 @@ from tests.conftest import (
     model_output,
     pica_layers,
     randomize_updates,
+    update_ids_by_group,
 )
 
 EXPECTED_TARGETS = {  # leaf roles adapted by default per tiny model
@@ -88,9 +89,7 @@ def test_shared_gradient_is_sum_of_per_layer_gradients():
 def test_sharing_survives_dtype_deepcopy_and_optimizer_step():
     model = get_peft_model(make_llama(), PiCaConfig(rank=4))
     for candidate in (copy.deepcopy(model), model.to(torch.float64), model.to(torch.float32)):
-        groups: dict[str, set[int]] = {}
-        for layer in pica_layers(candidate).values():
-            groups.setdefault(layer.pica_group["default"], set()).add(id(layer.get_update("default")))
+        groups = update_ids_by_group(candidate)
         assert len(groups) == 5 and all(len(ids) == 1 for ids in groups.values())
     optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 5

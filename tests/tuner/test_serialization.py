@@ -22,6 +22,7 @@ from tests.conftest import (
     model_output,
     pica_layers,
     randomize_updates,
+    update_ids_by_group,
 )
 
 FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}
@@ -49,9 +50,7 @@ def test_round_trip_reproduces_logits_and_stores_each_m_once(kind, share, tmp_pa
     torch.manual_seed(123)  # a different seed must not matter
     loaded = PeftModel.from_pretrained(FACTORIES[kind](), tmp_path)
     assert torch.equal(model_output(loaded, example_inputs(kind)), expected)
-    groups: dict[str, set[int]] = {}
-    for layer in pica_layers(loaded).values():
-        groups.setdefault(layer.pica_group["default"], set()).add(id(layer.get_update("default")))
+    groups = update_ids_by_group(loaded)
     assert all(len(ids) == 1 for ids in groups.values())
     assert len([p for p in loaded.parameters() if p.requires_grad]) == 0  # inference mode by default
 
