@@ -266,3 +266,14 @@ def test_peft_type_is_registered():
 
     importlib.reload(registration)
     registration.register()  # second registration is a no-op
+
+
+def test_inference_mode_forward_equals_eager_and_works_when_built_inside():
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    randomize_updates(model)
+    inputs = example_inputs("llama")
+    expected = model_output(model, inputs)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, expected)
+        built_inside = get_peft_model(make_llama(), PiCaConfig(rank=4))
+        assert torch.isfinite(built_inside(**inputs).logits).all()

@@ -123,7 +123,7 @@ class PiCaLayer(BaseTunerLayer):
             ValueError: the adapter's fingerprint belongs to another base weight.
         """
         stored = self.pica_fingerprint[adapter_name]
-        state = (id(stored), stored._version)
+        state = (id(stored), -1 if stored.is_inference() else stored._version)  # inference tensors: no counter
         if self._verified_fingerprint.get(adapter_name) == state or stored.is_meta:
             return
         distance = fingerprint_distance(stored, self._base_fingerprint[adapter_name])
