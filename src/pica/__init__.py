@@ -4,6 +4,7 @@
 and ``peft.PeftModel.from_pretrained(base, path)`` work unchanged.
 """
 
+from .export import export_lora
 from .functional import delta_weight, pica_delta
 from .projector import canonicalize_signs, top_right_singular_vectors, weight_fingerprint
 from .tuner import PICA_PEFT_TYPE, PiCaConfig, PiCaLayer, PiCaModel
@@ -18,6 +19,7 @@ __all__ = [
     "__version__",
     "canonicalize_signs",
     "delta_weight",
+    "export_lora",
     "pica_delta",
     "top_right_singular_vectors",
     "weight_fingerprint",
