@@ -50,3 +50,14 @@ def test_exports_the_named_adapter_and_refuses_existing_dir(tmp_path):
     with pytest.raises(ValueError, match="no PiCa adapter"):
         export_lora(model, tmp_path / "x", adapter_name="missing")
     assert not (tmp_path / "x").exists()
+
+
+def test_overwrite_replaces_a_previous_export(tmp_path):
+    model = get_peft_model(MODEL_FACTORIES["llama"](), PiCaConfig(rank=4))
+    export_lora(model, tmp_path / "lora")
+    randomize_updates(model)
+    expected = model_output(model, example_inputs("llama"))
+    export_lora(model, tmp_path / "lora", overwrite=True)
+    lora = PeftModel.from_pretrained(MODEL_FACTORIES["llama"](), tmp_path / "lora")
+    assert (model_output(lora, example_inputs("llama")) - expected).abs().max() <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]

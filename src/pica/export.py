@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
+from .tuner.config import PiCaConfig
 from .tuner.layer import PiCaLayer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def export_lora(
         ValueError: unknown adapter, not a PiCa adapter, or ``out_dir`` exists without ``overwrite``.
     """
     out_dir = Path(out_dir)
-    if adapter_name not in model.peft_config or not isinstance(model.peft_config[adapter_name].rank, int):
+    if not isinstance(model.peft_config.get(adapter_name), PiCaConfig):
         raise ValueError(f"export_lora: no PiCa adapter named {adapter_name!r}; have {sorted(model.peft_config)}")
     if out_dir.exists() and not overwrite:
         raise ValueError(f"export_lora: {out_dir} exists; pass overwrite=True to replace it")
@@ -77,9 +78,12 @@ def export_lora(
     try:
         lora.save_pretrained(staging)
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        previous = out_dir.with_name(f".{out_dir.name}.previous") if out_dir.exists() else None
+        if previous is not None:
+            os.replace(out_dir, previous)  # the old export stays whole until the new one is in place
         os.replace(staging, out_dir)
+        if previous is not None:
+            shutil.rmtree(previous)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -116,6 +116,10 @@ class PiCaLayer(BaseTunerLayer):
         leader = self.pica_leader.get(adapter_name, self)
         return leader.pica_M[adapter_name]
 
+    def fingerprint_distance(self, adapter_name: str, stored: torch.Tensor) -> float:
+        """Distance between a stored fingerprint and the one computed from this layer's base weight."""
+        return fingerprint_distance(stored, self._base_fingerprint[adapter_name])
+
     def check_fingerprint(self, adapter_name: str) -> None:
         """Compare the (possibly loaded) fingerprint with this base weight's; cached until it changes.
 
@@ -126,7 +130,7 @@ class PiCaLayer(BaseTunerLayer):
         state = (id(stored), -1 if stored.is_inference() else stored._version)  # inference tensors: no counter
         if self._verified_fingerprint.get(adapter_name) == state or stored.is_meta:
             return
-        distance = fingerprint_distance(stored, self._base_fingerprint[adapter_name])
+        distance = self.fingerprint_distance(adapter_name, stored)
         if distance > FINGERPRINT_TOLERANCE:
             raise ValueError(
                 f"PiCa adapter '{adapter_name}' was trained on a different base weight than this layer "

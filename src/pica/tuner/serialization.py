@@ -21,7 +21,6 @@ import torch
 from peft.tuners.tuners_utils import _get_submodules
 from torch import nn
 
-from ..projector import fingerprint_distance
 from .layer import FINGERPRINT_TOLERANCE, PiCaLayer
 
 logger = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def check_for_load(
         stored, expected = state_dict.get(f_key), layer.pica_fingerprint[adapter_name]
         _check_tensor(problems, name, "fingerprint", stored, tuple(expected.shape))
         if stored is not None and stored.shape == expected.shape and not expected.is_meta:
-            distance = fingerprint_distance(stored, expected)
+            distance = layer.fingerprint_distance(adapter_name, stored)
             if distance > FINGERPRINT_TOLERANCE:
                 mismatched.append(f"{name} (distance {distance:.3g})")
     if mismatched:
