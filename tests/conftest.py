@@ -101,3 +101,22 @@ def update_ids_by_group(model: nn.Module, adapter: str = "default") -> dict[str,
 @pytest.fixture(params=sorted(MODEL_FACTORIES))
 def model_kind(request) -> str:
     return request.param
+
+
+TINY_WORDS = ("the a an is was are of to and in on for with cat dog bird fish tree sun moon star red blue green "
+              "big small run jump sit eat see one two three four five six seven eight nine ten yes no what how "
+              "many answer question ### : . , ? !").split()
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer built offline; ids fit the tiny models' vocabulary of 96."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: index for index, token in enumerate(specials + list(dict.fromkeys(TINY_WORDS)))}
+    assert len(vocab) <= 96
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")

@@ -45,7 +45,7 @@ def test_exports_the_named_adapter_and_refuses_existing_dir(tmp_path):
     lora = PeftModel.from_pretrained(MODEL_FACTORIES["llama"](), tmp_path / "lora")
     assert lora.peft_config["default"].r == 2
     assert (model_output(lora, example_inputs("llama")) - expected).abs().max() <= 1e-5
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(FileExistsError, match="exists"):
         export_lora(model, tmp_path / "lora", adapter_name="other")
     with pytest.raises(ValueError, match="no PiCa adapter"):
         export_lora(model, tmp_path / "x", adapter_name="missing")

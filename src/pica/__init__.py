@@ -4,7 +4,7 @@
 and ``peft.PeftModel.from_pretrained(base, path)`` work unchanged.
 """
 
-from .export import export_lora
+from .export import export_lora, export_merged
 from .functional import delta_weight, pica_delta
 from .projector import canonicalize_signs, top_right_singular_vectors, weight_fingerprint
 from .tuner import PICA_PEFT_TYPE, PiCaConfig, PiCaLayer, PiCaModel
@@ -20,6 +20,7 @@ __all__ = [
     "canonicalize_signs",
     "delta_weight",
     "export_lora",
+    "export_merged",
     "pica_delta",
     "top_right_singular_vectors",
     "weight_fingerprint",

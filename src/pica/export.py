@@ -1,29 +1,80 @@
-"""Exact PiCa → PEFT-LoRA export.
+"""Exact export of a PiCa adapter for serving: as a PEFT LoRA adapter, or merged into the weights.
 
 PiCa's update ``ΔW_i = M_g P_i`` is a rank-``rank`` LoRA with ``A = P_i (rank×in)``,
-``B = M_g (out×rank)`` and scale ``lora_alpha / r = 1``, so the export is exact.
+``B = M_g (out×rank)`` and scale ``lora_alpha / r = 1``, so the LoRA export is exact. The merged
+export writes ``W_i = W0_i + M_g P_i`` into a plain transformers checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.utils import get_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
+from .atomic import atomic_directory
 from .tuner.config import PiCaConfig
-from .tuner.layer import PiCaLayer
+from .tuner.layer import PiCaLayer, base_weight_out_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_lora"]
+__all__ = ["VLLM_LORA_RANKS", "export_lora", "export_merged", "merged_state_dict", "serving_limits"]
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""Values vLLM accepts for ``--max-lora-rank`` (``MaxLoRARanks`` in vllm/config/lora.py; default 16)."""
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def _pica_config(model: PeftModel, adapter_name: str, what: str) -> PiCaConfig:
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if not isinstance(config, PiCaConfig):
+        have = sorted(getattr(model, "peft_config", {}))
+        raise ValueError(f"{what}: no PiCa adapter named {adapter_name!r} in the model; adapters: {have}")
+    return config
+
+
+def _adapter_layers(model: PeftModel, adapter_name: str) -> dict[str, PiCaLayer]:
+    return {
+        name: module
+        for name, module in model.get_base_model().named_modules()
+        if isinstance(module, PiCaLayer) and adapter_name in module.pica_P
+    }
+
+
+def serving_limits(rank: int, modules_to_save: list[str] | None) -> list[str]:
+    """Where an exported LoRA adapter falls outside what common serving engines accept.
+
+    Sources: vLLM's ``LoRAConfig.max_lora_rank`` (allowed values :data:`VLLM_LORA_RANKS`, default 16,
+    vllm/config/lora.py) and ``PEFTHelper._validate_features`` (vllm/lora/peft_helper.py), which
+    rejects adapters with ``modules_to_save``.
+
+    Returns:
+        One human-readable line per limit crossed (empty if none).
+    """
+    problems = []
+    if rank > max(VLLM_LORA_RANKS):
+        problems.append(
+            f"rank {rank} is above vLLM's largest --max-lora-rank ({max(VLLM_LORA_RANKS)}); serve a merged "
+            "checkpoint (pica.export_merged) instead"
+        )
+    elif rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        needed = min(r for r in VLLM_LORA_RANKS if r >= rank)
+        problems.append(
+            f"rank {rank} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}; "
+            f"start vLLM with --max-lora-rank {needed}"
+        )
+    if modules_to_save:
+        problems.append(
+            f"modules_to_save {modules_to_save} are fully trained modules, which vLLM's LoRA loader refuses "
+            "('only supports modules_to_save being None'); serve a merged checkpoint (pica.export_merged) instead"
+        )
+    return problems
 
 
 def export_lora(
@@ -34,6 +85,12 @@ def export_lora(
     overwrite: bool = False,
 ) -> Path:
     """Write adapter ``adapter_name`` of a PiCa ``PeftModel`` as a standard PEFT LoRA adapter directory.
+
+    ``adapter_config.json`` has ``peft_type: LORA``, ``r = lora_alpha = rank`` (scale exactly 1), the
+    exact module paths as ``target_modules``, ``fan_in_fan_out`` for GPT-2 ``Conv1D`` layers and the
+    PiCa config's ``modules_to_save``. Per layer, ``lora_A = P_i (rank×in)`` and ``lora_B = M_g
+    (out×rank)`` (a copy per layer: LoRA has no sharing). Limits of serving engines that the result
+    crosses are logged as warnings (:func:`serving_limits`).
 
     Args:
         model: a ``PeftModel`` holding PiCa adapter ``adapter_name``.
@@ -46,47 +103,129 @@ def export_lora(
         The output directory.
 
     Raises:
-        ValueError: unknown adapter, not a PiCa adapter, or ``out_dir`` exists without ``overwrite``.
+        ValueError: no PiCa adapter of that name.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
-    out_dir = Path(out_dir)
-    if not isinstance(model.peft_config.get(adapter_name), PiCaConfig):
-        raise ValueError(f"export_lora: no PiCa adapter named {adapter_name!r}; have {sorted(model.peft_config)}")
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"export_lora: {out_dir} exists; pass overwrite=True to replace it")
-    config = model.peft_config[adapter_name]
+    config = _pica_config(model, adapter_name, "export_lora")
     base = model.get_base_model()
     dtype = dtype or next(base.parameters()).dtype
+    layers = _adapter_layers(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
-    targets, conv1d = [], False
-    for name, layer in base.named_modules():
-        if isinstance(layer, PiCaLayer) and adapter_name in layer.pica_P:
-            targets.append(name)
-            conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
-            prefix = f"base_model.model.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = layer.pica_P[adapter_name].detach().to(dtype).contiguous()
-            # LoRA has no sharing: every layer gets its own copy of the group's M
-            tensors[f"{prefix}.lora_B.weight"] = layer.get_update(adapter_name).detach().to(dtype).clone()
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = layer.pica_P[adapter_name].detach().to(dtype).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = layer.get_update(adapter_name).detach().to(dtype).clone()
     extra = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    tensors.update({k: v.detach().to(dtype).contiguous() for k, v in extra.items() if ".pica_" not in k})
+    tensors.update({key: value.detach().to(dtype).contiguous() for key, value in extra.items() if ".pica_" not in key})
     lora = LoraConfig(
-        r=config.rank, lora_alpha=config.rank, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=conv1d,
+        r=config.rank, lora_alpha=config.rank, lora_dropout=0.0, target_modules=sorted(layers),
+        fan_in_fan_out=any(isinstance(layer.get_base_layer(), Conv1D) for layer in layers.values()),
         modules_to_save=config.modules_to_save, task_type=config.task_type, bias="none",
         base_model_name_or_path=config.base_model_name_or_path, revision=config.revision,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite, "export_lora") as staging:
         lora.save_pretrained(staging)
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
-        previous = out_dir.with_name(f".{out_dir.name}.previous") if out_dir.exists() else None
-        if previous is not None:
-            os.replace(out_dir, previous)  # the old export stays whole until the new one is in place
-        os.replace(staging, out_dir)
-        if previous is not None:
-            shutil.rmtree(previous)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    logger.info("Exported PiCa adapter %r as LoRA rank %d (%d layers) to %s", adapter_name, config.rank, len(targets),
+    for problem in serving_limits(config.rank, config.modules_to_save):
+        logger.warning("export_lora(%s): %s", out_dir, problem)
+    logger.info("Exported PiCa adapter %r as LoRA rank %d (%d layers) to %s", adapter_name, config.rank, len(layers),
                 out_dir)
-    return out_dir
+    return Path(out_dir)
+
+
+def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The base model's state dict with adapter ``adapter_name`` merged, under the plain model's keys.
+
+    The live model is not modified: merged weights ``W0 + M P`` are new tensors (computed in fp32,
+    stored on the CPU in the base weight's dtype); every other tensor is the model's own. PiCa layers
+    lose their ``base_layer.`` level and ``pica_*`` tensors; a ``modules_to_save`` wrapper contributes
+    the adapter's trained copy (or the original module if the adapter has none).
+
+    Raises:
+        ValueError: no PiCa adapter of that name, the adapter belongs to another base model, or the
+            merge gives non-finite weights (naming the module).
+    """
+    _pica_config(model, adapter_name, "merged_state_dict")
+    base = model.get_base_model()
+    renames: dict[str, str] = {}  # key prefix in the wrapped model → key prefix in the plain model
+    dropped: list[str] = []
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, PiCaLayer):
+            renames[f"{name}.base_layer."] = f"{name}."
+            dropped.append(f"{name}.pica_")
+            if adapter_name in module.pica_P:
+                module.check_fingerprint(adapter_name)
+                base_layer = module.get_base_layer()
+                weight = base_weight_out_in(base_layer).detach()  # (out, in)
+                new = weight.float() + module.get_delta_weight(adapter_name).detach().float()  # (out, in)
+                if not torch.isfinite(new).all():
+                    raise ValueError(f"merging PiCa adapter '{adapter_name}' into {name} gives non-finite weights")
+                new = new.T if isinstance(base_layer, Conv1D) else new  # back to the storage layout
+                merged[f"{name}.weight"] = new.to(base_layer.weight.dtype).cpu().contiguous()
+        elif isinstance(module, ModulesToSaveWrapper):
+            trained = adapter_name in module.modules_to_save
+            renames[f"{name}.modules_to_save.{adapter_name}." if trained else f"{name}.original_module."] = f"{name}."
+            dropped += [f"{name}.modules_to_save.", f"{name}.original_module."]
+    result: dict[str, torch.Tensor] = {}
+    for key, value in base.state_dict().items():
+        source = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        if source is not None:
+            key = renames[source] + key[len(source):]
+        elif any(key.startswith(prefix) for prefix in dropped):
+            continue
+        result[key] = merged.get(key, value)
+    return result
+
+
+def export_merged(
+    model: PeftModel,
+    out_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Save the base model with adapter ``adapter_name`` merged as a plain transformers checkpoint.
+
+    Loadable with ``AutoModelFor*.from_pretrained(out_dir)`` (safetensors, the base model's config and
+    generation config), with the same outputs as the PiCa model up to float rounding. The live model is
+    left untouched (see :func:`merged_state_dict`); no copy of the model is made, only of the merged
+    weights. The tokenizer (or processor) is saved too if one is given, or else if the adapter's
+    ``base_model_name_or_path`` is a local directory holding one.
+
+    Args:
+        model: a ``PeftModel`` holding PiCa adapter ``adapter_name``.
+        out_dir: directory to create (written to a temporary sibling, then renamed).
+        adapter_name: which PiCa adapter to merge.
+        tokenizer: a tokenizer/processor (anything with ``save_pretrained``) to save alongside.
+        overwrite: replace an existing ``out_dir``.
+        max_shard_size: passed to ``save_pretrained``.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ValueError: see :func:`merged_state_dict`.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    config = _pica_config(model, adapter_name, "export_merged")
+    state = merged_state_dict(model, adapter_name)
+    if tokenizer is None:
+        tokenizer = _local_tokenizer(config.base_model_name_or_path)
+    with atomic_directory(out_dir, overwrite, "export_merged") as staging:
+        model.get_base_model().save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    logger.info("Exported base model merged with PiCa adapter %r to %s", adapter_name, out_dir)
+    return Path(out_dir)
+
+
+def _local_tokenizer(path: str | None) -> Any:
+    """The tokenizer saved in a local base-model directory, if there is one."""
+    if not path or not Path(path).is_dir() or not (Path(path) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    logger.info("export_merged: saving the tokenizer found in %s", path)
+    return AutoTokenizer.from_pretrained(path)
