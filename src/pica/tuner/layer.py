@@ -145,9 +145,15 @@ class PiCaLayer(BaseTunerLayer):
     def check_fingerprint(self, adapter_name: str) -> None:
         """Compare the (possibly loaded) fingerprint with this base weight's; cached until it changes.
 
+        Skipped while ``torch.compile`` traces (a Python-side cache keyed by tensor ids would make it
+        recompile for every layer); loads through peft are checked at load time and any eager call
+        checks again.
+
         Raises:
             ValueError: the adapter's fingerprint belongs to another base weight.
         """
+        if torch.compiler.is_compiling():
+            return
         stored = self.pica_fingerprint[adapter_name]
         state = (id(stored), -1 if stored.is_inference() else stored._version)  # inference tensors: no counter
         if self._verified_fingerprint.get(adapter_name) == state or stored.is_meta:
