@@ -118,15 +118,16 @@ def test_bad_adapter_raises_naming_the_problem_and_leaves_model_as_it_was(case, 
     if loader == "from_pretrained":
         model = make_llama()
         before, logits = _snapshot(model), model_output(model, inputs)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as raised:
             PeftModel.from_pretrained(model, path)
         assert not hasattr(model, "peft_config")
     else:  # a second adapter into a PeftModel that already holds a good one
         model = PeftModel.from_pretrained(make_llama(), saved_adapter, adapter_name="good")
         before, logits = _snapshot(model), model_output(model, inputs)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as raised:
             model.load_adapter(path, adapter_name="bad")
         assert list(model.peft_config) == ["good"]
+    assert str(path) in str(raised.value)  # every message names the adapter directory or file
     assert _snapshot(model) == before
     assert torch.equal(model_output(model, inputs), logits)
     assert all(not isinstance(m, PiCaLayer) or set(m.pica_P) <= {"good"} for m in model.modules())

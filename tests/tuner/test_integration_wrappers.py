@@ -229,3 +229,10 @@ def test_other_peft_methods_take_peft_own_paths(tmp_path, monkeypatch):
     os.remove(tmp_path / "adapter_model.safetensors")
     loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
     assert torch.equal(model_output(loaded, example_inputs("llama")), expected)
+
+
+def test_pica_is_always_saved_as_safetensors(tmp_path, caplog):
+    model = _adapter(seed=1)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert "safetensors only" in caplog.text

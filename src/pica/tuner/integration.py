@@ -147,6 +147,17 @@ def _rollback_on_error(model: torch.nn.Module, adapter_name: str, remove: bool =
         raise
 
 
+@contextlib.contextmanager
+def _naming(model_id: str | os.PathLike) -> Iterator[None]:
+    """Prefix the adapter location to a ``ValueError`` raised while loading (e.g. by the tensor checks)."""
+    try:
+        yield
+    except AdapterFileError:
+        raise
+    except ValueError as error:
+        raise AdapterFileError(f"{model_id}: {error}") from error
+
+
 # ---------------------------------------------------------------------------------------------- wrappers
 
 
@@ -167,15 +178,17 @@ def _save_pretrained(original: Callable, self: PeftModel, *args: Any, **kwargs: 
     from .config import PiCaConfig
 
     values = _arguments(original, self, *args, **kwargs)
+    values.pop("self")
     save_directory = values["save_directory"]
     selected = values.get("selected_adapters") or list(self.peft_config)
     pica = any(isinstance(self.peft_config.get(name), PiCaConfig) for name in selected)
     if not pica or not values.get("is_main_process", True) or os.path.isfile(save_directory):
         return original(self, *args, **kwargs)
+    if not values.get("safe_serialization", True):
+        logger.warning("PiCa adapters are saved as safetensors only (no pickle); ignoring safe_serialization=False")
+        values["safe_serialization"] = True
     with atomic_directory_update(save_directory, seed_files=("README.md",), last=(CONFIG_NAME,)) as staging:
-        if args:  # save_directory is the first positional argument
-            return original(self, str(staging), *args[1:], **kwargs)
-        return original(self, **{**kwargs, "save_directory": str(staging)})
+        return original(self, **{**values, "save_directory": str(staging)})
 
 
 def _checked_load(values: dict[str, Any], model_id: Any) -> bool:
@@ -198,7 +211,7 @@ def _from_pretrained(original: Callable, cls: type, *args: Any, **kwargs: Any) -
     model, model_id, adapter_name = values["model"], values["model_id"], values["adapter_name"]
     if not _checked_load(values, model_id):
         return original(cls, *args, **kwargs)
-    with pica_load(model_id), _rollback_on_error(model, adapter_name):
+    with pica_load(model_id), _rollback_on_error(model, adapter_name), _naming(model_id):
         return original(cls, *args, **kwargs)
 
 
@@ -209,7 +222,8 @@ def _load_adapter(original: Callable, self: PeftModel, *args: Any, **kwargs: Any
     model_id, adapter_name = values["model_id"], values["adapter_name"]
     if not _checked_load(values, model_id):
         return original(self, *args, **kwargs)
-    with pica_load(model_id), _rollback_on_error(self, adapter_name, remove=adapter_name not in self.peft_config):
+    remove = adapter_name not in self.peft_config
+    with pica_load(model_id), _rollback_on_error(self, adapter_name, remove=remove), _naming(model_id):
         return original(self, *args, **kwargs)
 
 
