@@ -39,8 +39,12 @@ def _train(model: torch.nn.Module, batch: torch.Tensor) -> None:
 
 
 def _updates(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name.replace("_fsdp_wrapped_module.", ""): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for name, p in model.named_parameters() if "pica_M" in name}
+    updates = {}
+    for name, parameter in model.named_parameters():
+        if "pica_M" in name:
+            full = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+            updates[name.replace("_fsdp_wrapped_module.", "")] = full.detach().clone()  # copy: FSDP1 frees views
+    return updates
 
 
 def _wrap(model: torch.nn.Module, engine: str, per_layer: bool) -> torch.nn.Module:
@@ -66,7 +70,8 @@ def main(out_file: str) -> None:
         expected = _updates(reference)
         for engine in ("fsdp1", "fsdp2"):
             for per_layer in (False, True):
-                name = f"{engine}/{'per_decoder_layer' if per_layer else 'whole_model'}/{'shared' if share else 'unshared'}"
+                policy = "per_decoder_layer" if per_layer else "whole_model"
+                name = f"{engine}/{policy}/{'shared' if share else 'unshared'}"
                 try:
                     model = _wrap(_model(share), engine, per_layer)
                     _train(model, local)

@@ -32,10 +32,20 @@ def _torchrun(processes: int, module: str, *args: str, timeout: int = 240) -> No
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    from tests.distributed.train_script import main as train
+
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"world{processes}"
-        _torchrun(processes, "tests.distributed.train_script", str(out), str(GLOBAL_BATCH), str(STEPS))
+        if processes == 1:  # the reference: this process, no torch.distributed, one thread like the workers
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train(str(out), GLOBAL_BATCH, STEPS)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            _torchrun(processes, "tests.distributed.train_script", str(out), str(GLOBAL_BATCH), str(STEPS))
         runs[processes] = (json.loads((out / "run.json").read_text()),
                            [load_file(out / f"updates_rank{rank}.safetensors") for rank in range(processes)])
     (single, [single_updates]), (double, double_updates) = runs[1], runs[2]

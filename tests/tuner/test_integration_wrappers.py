@@ -234,5 +234,6 @@ def test_other_peft_methods_take_peft_own_paths(tmp_path, monkeypatch):
 def test_pica_is_always_saved_as_safetensors(tmp_path, caplog):
     model = _adapter(seed=1)
     model.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert "safetensors only" in caplog.text
