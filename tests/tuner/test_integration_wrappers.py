@@ -237,3 +237,15 @@ def test_pica_is_always_saved_as_safetensors(tmp_path, caplog):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert "safetensors only" in caplog.text
+
+
+def test_config_given_in_code_still_requires_complete_safetensors(old_adapter):
+    path, _, logits = old_adapter
+    config = PiCaConfig.from_pretrained(str(path))
+    loaded = PeftModel.from_pretrained(make_llama(), path, config=config)
+    assert torch.equal(model_output(loaded, example_inputs("llama")), logits)
+    (path / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    base = make_llama()
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors is not a valid safetensors file"):
+        PeftModel.from_pretrained(base, path, config=PiCaConfig.from_pretrained(str(path)))
+    assert not hasattr(base, "peft_config")
