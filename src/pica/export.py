@@ -18,7 +18,7 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import atomic_directory
+from .io import atomic_directory
 from .tuner.config import PiCaConfig
 from .tuner.layer import PiCaLayer, base_weight_out_in
 

@@ -54,8 +54,10 @@ def top_right_singular_vectors(
 
     Works on the smaller Gram matrix (``WᵀW`` if ``in ≤ out``, else ``WWᵀ``) with a symmetric
     eigensolver, which avoids a full SVD of the larger side. For the wide case the right vectors
-    are recovered as ``V_r = diag(1/σ_r) U_rᵀ W``. If the kept singular values are too small for
-    that recovery to be accurate (rank-deficient weights), it falls back to a thin SVD and logs it.
+    are recovered as ``V_r = diag(1/σ_r) U_rᵀ W``. The Gram matrix squares the condition number, so
+    if ``σ_rank/σ_1`` is below ``(10·√eps)^½`` of ``compute_dtype`` (≈0.06 in fp32: fast-decaying
+    spectra, rank-deficient weights) it uses a thin SVD of the weight instead, in both orientations,
+    and logs it. fp32 and fp64 results then agree to ``~eps32·σ_1/gap`` (tests/test_determinism.py).
 
     Args:
         weight: ``(out_features, in_features)`` weight in PyTorch layout, any float dtype/device.
@@ -80,22 +82,24 @@ def top_right_singular_vectors(
     if not torch.isfinite(matrix).all():
         raise ValueError("weight has non-finite entries; cannot compute its singular vectors")
 
-    if in_features <= out_features:
-        gram = matrix.T @ matrix  # (in, in)
-        _, eigenvectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    tall = in_features <= out_features
+    gram = matrix.T @ matrix if tall else matrix @ matrix.T  # (in, in) if tall else (out, out)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending eigenvalues = squared singular values
+    top_values = eigenvalues[-rank:].flip(-1).clamp_min(0)  # (rank,)
+    # The Gram matrix squares the condition number: its eigenvectors lose accuracy like
+    # eps·σ_1/σ_rank times a thin SVD's. Past that floor (decaying spectra, near rank-deficient
+    # weights) a thin SVD of the weight itself is used, in either orientation.
+    relative_floor = torch.finfo(compute_dtype).eps ** 0.5 * 10
+    if top_values[-1] <= relative_floor * top_values[0]:
+        logger.info("weight %s has sigma_%d/sigma_1 <= %.2g; using a thin SVD", tuple(weight.shape), rank,
+                    relative_floor**0.5)
+        top = torch.linalg.svd(matrix, full_matrices=False).Vh[:rank]  # (rank, in)
+    elif tall:
         top = eigenvectors[:, -rank:].flip(-1).T  # (rank, in)
     else:
-        gram = matrix @ matrix.T  # (out, out)
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        top_values = eigenvalues[-rank:].flip(-1).clamp_min(0)  # (rank,)
-        relative_floor = torch.finfo(compute_dtype).eps ** 0.5 * 10
-        if top_values[-1] <= relative_floor * top_values[0]:
-            logger.info("weight %s is near rank-deficient at rank %d; using a thin SVD", tuple(weight.shape), rank)
-            top = torch.linalg.svd(matrix, full_matrices=False).Vh[:rank]  # (rank, in)
-        else:
-            left = eigenvectors[:, -rank:].flip(-1)  # (out, rank)
-            top = (left.T @ matrix) / top_values.sqrt().unsqueeze(1)  # (rank, in)
-            top = torch.linalg.qr(top.T).Q.T  # (rank, in) re-orthonormalised, same row spaces in order
+        left = eigenvectors[:, -rank:].flip(-1)  # (out, rank)
+        top = (left.T @ matrix) / top_values.sqrt().unsqueeze(1)  # (rank, in)
+        top = torch.linalg.qr(top.T).Q.T  # (rank, in) re-orthonormalised, same row spaces in order
     return canonicalize_signs(top.contiguous())
 
 

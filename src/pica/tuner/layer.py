@@ -30,6 +30,15 @@ FINGERPRINT_TOLERANCE = 2e-2
 """Largest accepted fingerprint distance (relative to ‖W0‖_F); bf16 rounding gives ~3e-3."""
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2 keeps parameters of a unit that is not running as DTensor shards)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
     """The base weight in PyTorch ``(out_features, in_features)`` layout (a view for ``Conv1D``)."""
     if isinstance(base_layer, Conv1D):
@@ -112,9 +121,22 @@ class PiCaLayer(BaseTunerLayer):
                 buffers[adapter_name] = buffers[adapter_name].to(target)
 
     def get_update(self, adapter_name: str) -> nn.Parameter:
-        """The group's ``M``, ``(out_features, rank)`` (held by the group's leader layer)."""
+        """The group's ``M``, ``(out_features, rank)`` (held by the group's leader layer).
+
+        Raises:
+            RuntimeError: ``M`` is sharded away by FSDP because the leader is in another FSDP unit.
+        """
         leader = self.pica_leader.get(adapter_name, self)
-        return leader.pica_M[adapter_name]
+        update = leader.pica_M[adapter_name]
+        if update.shape != (self.out_features, self.rank[adapter_name]) or _is_sharded(update):
+            raise RuntimeError(
+                f"PiCa adapter '{adapter_name}': the shared M of group '{self.pica_group[adapter_name]}' is not "
+                f"materialised here (it has shape {tuple(update.shape)}, type {type(update).__name__}): FSDP has "
+                "sharded it because the layers sharing it are in different FSDP units. Supported: wrap the whole "
+                "PeftModel as one FSDP unit (no per-layer auto-wrap policy), or use "
+                "PiCaConfig(share_across_layers=False) with per-layer wrapping, or DDP."
+            )
+        return update
 
     def fingerprint_distance(self, adapter_name: str, stored: torch.Tensor) -> float:
         """Distance between a stored fingerprint and the one computed from this layer's base weight."""
@@ -123,9 +145,15 @@ class PiCaLayer(BaseTunerLayer):
     def check_fingerprint(self, adapter_name: str) -> None:
         """Compare the (possibly loaded) fingerprint with this base weight's; cached until it changes.
 
+        Skipped while ``torch.compile`` traces (a Python-side cache keyed by tensor ids would make it
+        recompile for every layer); loads through peft are checked at load time and any eager call
+        checks again.
+
         Raises:
             ValueError: the adapter's fingerprint belongs to another base weight.
         """
+        if torch.compiler.is_compiling():
+            return
         stored = self.pica_fingerprint[adapter_name]
         state = (id(stored), -1 if stored.is_inference() else stored._version)  # inference tensors: no counter
         if self._verified_fingerprint.get(adapter_name) == state or stored.is_meta:

@@ -1,0 +1,84 @@
+"""pica.io: atomic directory updates and adapter-file checks (no peft involved)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pica.io import AdapterFileError, atomic_directory_update, check_safetensors_file, read_json_object
+
+
+def _listing(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_update_replaces_written_files_and_keeps_the_others(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    (target / "optimizer.pt").write_text("keep me")
+    (target / "README.md").write_text("user notes")
+    with atomic_directory_update(target, seed_files=("README.md",)) as staging:
+        assert staging.parent == tmp_path and staging != target
+        assert (staging / "README.md").read_text() == "user notes"  # seeded copy to update
+        (staging / "weights").write_text("new")
+        (staging / "README.md").write_text("user notes + card")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "config").write_text("named adapter")
+        assert (target / "weights").read_text() == "old"  # nothing visible before the block ends
+    assert _listing(target) == {"README.md": b"user notes + card", "optimizer.pt": b"keep me",
+                                "sub/config": b"named adapter", "weights": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # staging removed
+
+
+def test_failure_while_writing_leaves_target_unchanged(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_directory_update(target) as staging:
+            (staging / "weights").write_text("half")
+            raise RuntimeError("disk full")
+    assert _listing(target) == {"weights": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_new_target_is_created_and_a_file_target_refused(tmp_path):
+    with atomic_directory_update(tmp_path / "a" / "b") as staging:
+        (staging / "x").write_text("1")
+    assert (tmp_path / "a" / "b" / "x").read_text() == "1"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AdapterFileError, match="not a directory"):
+        with atomic_directory_update(tmp_path / "file"):
+            pass
+
+
+def test_last_files_are_moved_after_the_others(tmp_path, monkeypatch):
+    import os
+
+    order = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (order.append(Path(dst).name), real_replace(src, dst)))
+    with atomic_directory_update(tmp_path / "t", last=("adapter_config.json",)) as staging:
+        for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+            (staging / name).write_text(name)
+    assert order[-1] == "adapter_config.json" and len(order) == 3
+
+
+def test_read_json_object(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"a": 1}')
+    assert read_json_object(path) == {"a": 1}
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(AdapterFileError, match="c.json is not UTF-8"):
+        read_json_object(path)
+
+
+def test_check_safetensors_file_reads_only_the_header(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"b": torch.zeros(3), "a": torch.ones(2, 2)}, path)
+    assert sorted(check_safetensors_file(path)) == ["a", "b"]
+    path.write_bytes(path.read_bytes() + b"\0")  # one byte too many is also inconsistent
+    with pytest.raises(AdapterFileError, match="w.safetensors is not a valid safetensors file"):
+        check_safetensors_file(path)
