@@ -16,9 +16,8 @@ POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
 
 def save_tokenizer(directory: Path) -> BertTokenizerFast:
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
 
@@ -36,6 +35,8 @@ def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
 def save_tiny_llama(directory: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama + the same tokenizer ([SEP] as EOS, [PAD] as pad)."""
     tokenizer = save_tokenizer(directory)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -95,7 +96,7 @@ def fake_generative_task() -> types.ModuleType:
             for start in range(0, len(examples), batch_size):
                 batch = examples[start:start + batch_size]
                 inputs = tokenizer([e["question"] for e in batch], add_special_tokens=False, return_tensors="pt",
-                                   padding=True).to(next(model.parameters()).device)
+                                   return_token_type_ids=False, padding=True).to(next(model.parameters()).device)
                 with torch.no_grad():
                     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                             pad_token_id=tokenizer.pad_token_id)
