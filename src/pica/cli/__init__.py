@@ -117,6 +117,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pica").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # e.g. the expected "classifier weights newly initialised" load report
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
     from ..recipes.config import RecipeError
     from . import commands
 

@@ -71,6 +71,7 @@ class RecipeConfig:
     max_length: int = _opt(256, "maximum tokens per training example")
     max_new_tokens: int = _opt(256, "generative tasks: maximum generated tokens at evaluation")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory")
+    group_by_length: bool = _opt(False, "batch examples of similar length together (less padding, faster)")
     logging_steps: int = _opt(10, "log the training loss every N steps")
     seeds: list = _opt([0], "run each seed; several → mean ± sd")
     metric: Optional[str] = _opt(None, "headline metric for tables and plots (default: the task's)")

@@ -37,11 +37,12 @@ DEMO_RECIPE: dict[str, Any] = {
     "eval_batch_size": 128,
     "max_length": 64,
     "warmup": 0.06,
+    "group_by_length": True,
     "logging_steps": 10,
     "seeds": [0],
     "output_dir": "outputs/demo",
     "overwrite": True,
-    "train_limit": 2000,
+    "train_limit": 1500,
     "eval_limit": 1000,
 }
 """Default demo settings (every key can be overridden by a flag)."""

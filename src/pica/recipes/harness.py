@@ -97,6 +97,11 @@ def _load_model(prepared: PreparedRun, recipe: RecipeConfig):
 
 def _training_arguments(recipe: RecipeConfig, seed: int, run_dir: Path, progress: bool) -> TrainingArguments:
     cuda = torch.cuda.is_available()
+    checkpointing = {}
+    if recipe.gradient_checkpointing:  # transformers ≥5 renamed the argument
+        fields = TrainingArguments.__dataclass_fields__
+        checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
+                         else "gradient_checkpointing": True}
     return TrainingArguments(
         output_dir=str(run_dir / "trainer"), learning_rate=recipe.lr, num_train_epochs=recipe.epochs,
         max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
@@ -104,8 +109,9 @@ def _training_arguments(recipe: RecipeConfig, seed: int, run_dir: Path, progress
         lr_scheduler_type=recipe.scheduler, weight_decay=recipe.weight_decay, logging_steps=recipe.logging_steps,
         logging_first_step=True, save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
         bf16=cuda and recipe.dtype == "bfloat16", fp16=cuda and recipe.dtype == "float16",
-        gradient_checkpointing=recipe.gradient_checkpointing, remove_unused_columns=False,
+        remove_unused_columns=False, **checkpointing,
         label_names=["labels"], disable_tqdm=not progress,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
     )
 
 
