@@ -121,3 +121,17 @@ def test_evaluate_tiny_model(tmp_path):
     again = classify.evaluate(model, tokenizer, examples, batch_size=10, progress=False, labels=[0, 1],
                               problem="classification", num_labels=2)
     assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in result["predictions"]]
+
+
+def test_evaluate_keeps_example_order_when_batching_by_length(tmp_path):
+    directory = save_tiny_bert(tmp_path / "bert")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, problem_type="regression")
+    texts = ["the movie was very good", "bad", "a very very boring plot", "nice film", "sad", "the plot is fun"]
+    examples = [{"text": t, "text_pair": None, "label": float(i)} for i, t in enumerate(texts)]
+    batched = classify.evaluate(model, tokenizer, examples, batch_size=4, progress=False, problem="regression")
+    for example, prediction in zip(examples, batched["predictions"]):
+        alone = classify.evaluate(model, tokenizer, [example, example], batch_size=1, progress=False,
+                                  problem="regression")["predictions"][0]
+        assert prediction["text"] == example["text"]
+        assert prediction["prediction"] == pytest.approx(alone["prediction"], abs=1e-5)

@@ -6,6 +6,7 @@ import math
 import pytest
 from safetensors.torch import load_file
 
+from pica.cli import main
 from pica.recipes.config import RecipeConfig, RecipeError
 from pica.recipes.harness import prepare, run_experiment
 from pica.recipes.tasks import get_task, register_task
@@ -146,10 +147,15 @@ def test_existing_output_needs_overwrite_and_failed_run_keeps_old_output(data, t
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
-def test_full_and_probe_save_models_and_train_the_right_parameters(data, tmp_path):
+def test_full_and_probe_save_models_and_train_the_right_parameters(data, tmp_path, capsys):
     results = run_experiment(prepare(_recipe(data, tmp_path, methods=["probe", "full"], lr=1e-2)), progress=False)
     probe, full = results["runs"]
     assert probe["trainable_params"]["adapter"] == 0
     assert full["trainable_params"]["adapter"] == full["trainable_params"]["model_total"] - 66
-    for method in ("probe", "full"):
+    for method, run in (("probe", probe), ("full", full)):
         assert (tmp_path / "out" / method / "seed0" / "model" / "config.json").is_file()
+        capsys.readouterr()
+        assert main(["--no-progress", "eval", str(tmp_path / "out" / method / "seed0"), "--eval-data",
+                     data["eval"]]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["kind"] == "model" and printed["metrics"] == pytest.approx(run["metrics"])

@@ -192,6 +192,7 @@ def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 32, ma
     encoded = _tokenize(examples, tokenizer, max_length)
     rows = [{key: values[i] for key, values in encoded.items()} for i in range(len(examples))]
     device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # batches of similar length
     outputs: list[np.ndarray] = []
     was_training = model.training
     model.eval()
@@ -200,11 +201,12 @@ def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 32, ma
     try:
         with torch.no_grad():
             for start in tqdm(range(0, len(rows), batch_size), desc="eval", disable=not progress, unit="batch"):
-                batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
-                outputs.append(model(**batch).logits.float().cpu().numpy())
+                batch = collate([rows[i] for i in order[start:start + batch_size]])
+                outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy())
     finally:
         model.train(was_training)
-    logits = np.concatenate(outputs)
+    logits = np.empty((len(rows), outputs[0].shape[1]), dtype=np.float32)
+    logits[order] = np.concatenate(outputs)
     if options["problem"] == "regression":
         predicted = logits[:, 0]
         metrics = compute_metrics(targets, predicted, "regression", 1)
