@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import typing
+import warnings
 from typing import Any, Literal, Optional, Sequence, Union
 
 __all__ = ["build_parser", "main"]
@@ -56,7 +57,8 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, only: Optional[Sequence[s
         elif typing.get_origin(hint) is Literal:
             kwargs["choices"] = list(typing.get_args(hint))
         elif hint is list:
-            kwargs.update(nargs="+", type=int if item.name == "seeds" else str, metavar="VALUE")
+            metavar = {"methods": "METHOD", "seeds": "SEED"}.get(item.name, "MODULE")
+            kwargs.update(nargs="+", type=int if item.name == "seeds" else str, metavar=metavar)
         elif hint is dict:
             kwargs.update(type=_json_object, metavar="JSON")
         else:
@@ -121,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
     from ..recipes.config import RecipeError
     from . import commands
 

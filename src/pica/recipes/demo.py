@@ -33,7 +33,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "lr": 1e-3,
     "per_method": {"probe": {"lr": 1e-2}, "full": {"lr": 5e-5}},
     "epochs": 2.0,
-    "batch_size": 32,
+    "batch_size": 16,
     "eval_batch_size": 128,
     "max_length": 64,
     "warmup": 0.06,
@@ -42,12 +42,12 @@ DEMO_RECIPE: dict[str, Any] = {
     "seeds": [0],
     "output_dir": "outputs/demo",
     "overwrite": True,
-    "train_limit": 1500,
+    "train_limit": 1200,
     "eval_limit": 1000,
 }
 """Default demo settings (every key can be overridden by a flag)."""
 
-QUICK: dict[str, Any] = {"train_limit": 480, "eval_limit": 300, "epochs": 1.0}
+QUICK: dict[str, Any] = {"train_limit": 320, "eval_limit": 200, "epochs": 1.0}
 """``--quick`` overrides (about a minute on 2 CPU cores)."""
 
 
