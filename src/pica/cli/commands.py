@@ -150,7 +150,11 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"export: {args.out} exists; pass --overwrite to replace it")
     from ..recipes.tasks import get_task
 
-    task_kind = get_task(settings["task"]).TASK_KIND if "task" in settings else "generative"
+    if "task" in settings:
+        task_kind = get_task(settings["task"]).TASK_KIND
+    else:  # no run.json: the adapter's own task type decides
+        adapter_config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        task_kind = "classification" if adapter_config.get("task_type") == "SEQ_CLS" else "generative"
     options = settings.get("task_options", {})
     tokenizer = load_tokenizer(settings["model"], settings.get("gguf_file")) if "model" in settings else None
     model = load_saved(directory, kind, task_kind, model=settings.get("model"), gguf_file=settings.get("gguf_file"),
