@@ -42,12 +42,15 @@ DEMO_RECIPE: dict[str, Any] = {
     "seeds": [0],
     "output_dir": "outputs/demo",
     "overwrite": True,
-    "train_limit": 1200,
-    "eval_limit": 1000,
+    "train_limit": 600,
+    "eval_limit": 600,
+    # One torch thread: on 2 cores shared with other jobs we measured 2 threads 2-3x slower than 1
+    # (OpenMP oversubscription); on a dedicated machine pass --threads 2 (or more).
+    "threads": 1,
 }
 """Default demo settings (every key can be overridden by a flag)."""
 
-QUICK: dict[str, Any] = {"train_limit": 320, "eval_limit": 200, "epochs": 1.0}
+QUICK: dict[str, Any] = {"train_limit": 160, "eval_limit": 160, "epochs": 1.0}
 """``--quick`` overrides (about a minute on 2 CPU cores)."""
 
 
