@@ -68,7 +68,8 @@ def test_summary_table_and_plots(tmp_path):
     assert "110 (100 + 10)" in lines[2] and "0.600" in lines[3] and "±" not in lines[3]
     plot_comparison(summary, "accuracy", tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
-    assert plot_loss([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"train_runtime": 1}], tmp_path / "l.png", "t")
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"train_runtime": 1}]
+    assert plot_loss(history, tmp_path / "l.png", "t")
     assert not plot_loss([{"train_runtime": 1}], tmp_path / "none.png", "t") and not (tmp_path / "none.png").exists()
     write_json(tmp_path / "r.json", summary)
     assert not list(tmp_path.glob(".*.tmp"))

@@ -98,7 +98,8 @@ class RecipeConfig:
             raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
         for method, overrides in self.per_method.items():
             if method not in METHODS or not isinstance(overrides, dict):
-                raise RecipeError(f"per_method: key {method!r} must be a method of {list(METHODS)} mapping to {{field: value}}")
+                raise RecipeError(f"per_method: key {method!r} must be a method of {list(METHODS)} "
+                                  "mapping to {field: value}")
             bad = sorted(set(overrides) - set(_hints()) | set(overrides) & {"methods", "per_method", "output_dir"})
             if bad:
                 raise RecipeError(f"per_method.{method}: unknown or not overridable key(s) {bad}")
@@ -193,7 +194,8 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def resolve_recipe(recipe_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RecipeConfig:
+def resolve_recipe(recipe_path: str | os.PathLike | None = None,
+                   overrides: dict[str, Any] | None = None) -> RecipeConfig:
     """Defaults < recipe file < overrides (e.g. parsed flags; ``None`` values are ignored)."""
     values = load_recipe_file(recipe_path) if recipe_path is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -13,7 +13,8 @@ __all__ = ["DATA_SUFFIXES", "iter_rows"]
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
 
 
-def iter_rows(path: str | os.PathLike, *, encoding: str = "utf-8", allow_csv: bool = True) -> Iterator[tuple[str, dict]]:
+def iter_rows(path: str | os.PathLike, *, encoding: str = "utf-8",
+              allow_csv: bool = True) -> Iterator[tuple[str, dict]]:
     """Yield ``(location, row)``: location is ``"<file>:<line>"`` (JSONL/CSV, 1-based) or
     ``"<file>[<index>]"`` (JSON list, 0-based index).
 
