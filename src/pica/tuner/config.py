@@ -13,6 +13,7 @@ from .registration import PICA_PEFT_TYPE
 __all__ = ["PiCaConfig"]
 
 _PROJECTOR_DTYPES = ("float32", "float64")
+_SUBSPACES = ("top", "random")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class PiCaConfig(PeftConfig):
         store_projector: store each ``P`` in the adapter file (exact reload anywhere). If False only
             ``M`` and fingerprints are stored and ``P`` is recomputed at load.
         projector_dtype: precision of the projector computation, ``"float32"`` or ``"float64"``.
+        subspace: ``"top"`` (the method: top-``rank`` right singular vectors) or ``"random"`` (ablation:
+            a random orthonormal ``P`` of the same rank, drawn from ``subspace_seed`` and the module name,
+            stored in the adapter like the top one).
+        subspace_seed: seed of the random subspace (ignored for ``"top"``).
     """
 
     rank: int = field(default=256, metadata={"help": "Number of top right singular directions per layer."})
@@ -64,6 +69,10 @@ class PiCaConfig(PeftConfig):
     projector_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "Precision of the projector computation."}
     )
+    subspace: Literal["top", "random"] = field(
+        default="top", metadata={"help": "'top' singular subspace (PiCa) or 'random' orthonormal (ablation)."}
+    )
+    subspace_seed: int = field(default=0, metadata={"help": "Seed of the random subspace (with the module name)."})
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "PiCaConfig":
         known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
@@ -92,6 +101,10 @@ class PiCaConfig(PeftConfig):
                 raise ValueError(f"PiCaConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.projector_dtype not in _PROJECTOR_DTYPES:
             raise ValueError(f"PiCaConfig.projector_dtype must be one of {_PROJECTOR_DTYPES}, got {self.projector_dtype!r}")
+        if self.subspace not in _SUBSPACES:
+            raise ValueError(f"PiCaConfig.subspace must be one of {_SUBSPACES}, got {self.subspace!r}")
+        if isinstance(self.subspace_seed, bool) or not isinstance(self.subspace_seed, int) or self.subspace_seed < 0:
+            raise ValueError(f"PiCaConfig.subspace_seed must be a non-negative int, got {self.subspace_seed!r}")
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) else layers

@@ -59,6 +59,8 @@ class PiCaModel(BaseTuner):
             projector_dtype=_DTYPES[config.projector_dtype],
             is_target=lambda key: self._check_target_module_exists(config, key),
             target_description=config.target_modules,
+            subspace=config.subspace,
+            subspace_seed=config.subspace_seed,
         )
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)

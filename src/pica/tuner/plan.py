@@ -6,6 +6,7 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,13 +17,13 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..projector import FINGERPRINT_SIZE, top_right_singular_vectors, weight_fingerprint
+from ..projector import FINGERPRINT_SIZE, canonicalize_signs, top_right_singular_vectors, weight_fingerprint
 from .grouping import group_of, validate_groups
 from .layer import base_weight_out_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterPlan", "LayerPlan", "plan_adapter"]
+__all__ = ["AdapterPlan", "LayerPlan", "plan_adapter", "random_orthonormal_rows"]
 
 
 @dataclass
@@ -48,6 +49,22 @@ class AdapterPlan:
     layers: dict[str, LayerPlan]
     updates: dict[str, nn.Parameter]
     leaders: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def random_orthonormal_rows(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
+    """A random ``P`` with orthonormal rows, a deterministic function of ``(seed, name)``.
+
+    Drawn on the CPU in float64 (Gaussian, then QR), so it is the same on every machine and at every
+    load; signs canonicalised like the top subspace. Used by ``PiCaConfig(subspace="random")``.
+
+    Returns:
+        ``(rank, in_features)`` float32 tensor on the CPU.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    gaussian = torch.randn(in_features, rank, generator=generator, dtype=torch.float64)  # (in, rank)
+    basis, _ = torch.linalg.qr(gaussian)  # (in, rank), orthonormal columns
+    return canonicalize_signs(basis.T.contiguous()).float()  # (rank, in_features)
 
 
 def _candidates(model: nn.Module) -> list[str]:
@@ -78,6 +95,8 @@ def plan_adapter(
     projector_dtype: torch.dtype,
     is_target: Callable[[str], object],
     target_description: object,
+    subspace: str = "top",
+    subspace_seed: int = 0,
 ) -> AdapterPlan:
     """Find, validate and prepare every target of one adapter.
 
@@ -88,6 +107,8 @@ def plan_adapter(
         projector_dtype: float32 or float64 for the projector computation.
         is_target: peft's matcher for the prepared config (name → truthy / ``_ExcludedModule``).
         target_description: the config's ``target_modules``, for error messages.
+        subspace: ``"top"`` singular vectors or a ``"random"`` orthonormal ``P`` (ablation).
+        subspace_seed: seed of the random ``P`` (with the module name).
 
     Returns:
         The plan; nothing in ``model`` has changed.
@@ -121,7 +142,10 @@ def plan_adapter(
         else:
             if not torch.isfinite(weight).all():
                 raise ValueError(f"PiCa target {name} has non-finite base weights")
-            projector = top_right_singular_vectors(weight, rank, projector_dtype).float()  # (rank, in_features)
+            if subspace == "random":
+                projector = random_orthonormal_rows(name, rank, weight.shape[1], subspace_seed).to(weight.device)
+            else:
+                projector = top_right_singular_vectors(weight, rank, projector_dtype).float()  # (rank, in_features)
             fingerprint = weight_fingerprint(weight)
         logger.debug("PiCa projector %d/%d: %s %s", index + 1, len(weights), name, tuple(weight.shape))
         layers[name] = LayerPlan(groups[name], projector, fingerprint)

@@ -1,0 +1,7 @@
+"""``python -m pica.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

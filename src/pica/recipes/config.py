@@ -1,0 +1,206 @@
+"""The recipe: every option of a ``pica train``/``eval`` run, from a YAML/JSON file and flags.
+
+Resolution order: field defaults < recipe file < command-line flags. Unknown keys, wrong types
+and bad values are refused with an error naming the key (and the file), before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+__all__ = ["METHODS", "RecipeConfig", "RecipeError", "load_recipe_file", "resolve_recipe"]
+
+METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe")
+"""``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything."""
+
+
+class RecipeError(ValueError):
+    """A recipe key, value or file is wrong; the message names it."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class RecipeConfig:
+    """All options of a run. Each field is a recipe key and a ``--flag`` (underscores → dashes)."""
+
+    # what to learn
+    task: str = _opt("classify", "task format: classify, math, commonsense")
+    train_data: Optional[str] = _opt(None, "training data: .jsonl/.json/.csv file (classify: also a datasets name)")
+    eval_data: Optional[str] = _opt(None, "evaluation data, same formats as train_data")
+    task_options: dict = _opt({}, "task-specific options as a JSON object (classify: text_fields, label_field, "
+                                  "labels, problem, metric, split, eval_split, encoding)")
+    train_limit: Optional[int] = _opt(None, "use only the first N training examples")
+    eval_limit: Optional[int] = _opt(None, "use only the first N evaluation examples")
+    # model
+    model: Optional[str] = _opt(None, "base model: local directory, hub id, or directory/file with gguf_file")
+    gguf_file: Optional[str] = _opt(None, "GGUF file inside/next to --model (de-quantised by transformers)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "dtype of the base model weights")
+    # method
+    methods: list = _opt(["pica"], f"one or more of {', '.join(METHODS)}; several → a comparison", flag="--method")
+    rank: int = _opt(16, "rank of PiCa / LoRA / DoRA / VeRA / PiSSA")
+    lora_alpha: Optional[float] = _opt(None, "LoRA/DoRA alpha (default 2×rank; PiSSA uses rank)")
+    lora_dropout: float = _opt(0.0, "LoRA/DoRA/PiSSA dropout")
+    target_modules: Optional[list] = _opt(None, "modules to adapt (default: PiCa's per-architecture targets)")
+    head_modules: Optional[list] = _opt(None, "task head kept trainable via modules_to_save (default: auto)")
+    share: bool = _opt(True, "PiCa: one M per role across depth (--no-share: one M per layer)")
+    subspace: Literal["top", "random"] = _opt("top", "PiCa: top singular subspace, or a random orthonormal one")
+    subspace_seed: int = _opt(0, "PiCa: seed of the random subspace")
+    # schedule (Trainer)
+    lr: float = _opt(1e-3, "peak learning rate")
+    per_method: dict = _opt({}, 'per-method overrides as JSON, e.g. {"full": {"lr": 5e-5}}')
+    epochs: float = _opt(1.0, "training epochs")
+    max_steps: int = _opt(-1, "stop after N optimiser steps (-1: use epochs)")
+    batch_size: int = _opt(16, "per-device training batch size")
+    eval_batch_size: int = _opt(32, "evaluation batch size")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    warmup: float = _opt(0.03, "warm-up: fraction of steps if < 1, else a number of steps")
+    scheduler: str = _opt("linear", "transformers lr_scheduler_type (linear, cosine, constant, ...)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_length: int = _opt(256, "maximum tokens per training example")
+    max_new_tokens: int = _opt(256, "generative tasks: maximum generated tokens at evaluation")
+    gradient_checkpointing: bool = _opt(False, "trade compute for memory")
+    group_by_length: bool = _opt(False, "batch examples of similar length together (less padding, faster)")
+    logging_steps: int = _opt(10, "log the training loss every N steps")
+    seeds: list = _opt([0], "run each seed; several → mean ± sd")
+    metric: Optional[str] = _opt(None, "headline metric for tables and plots (default: the task's)")
+    threads: Optional[int] = _opt(None, "torch CPU threads (default: torch's)")
+    output_dir: str = _opt("outputs/run", "where results, adapters, logs and plots go")
+    overwrite: bool = _opt(False, "replace an existing output directory")
+    save_model: bool = _opt(True, "save the adapter (or the full model for full/probe) of every run")
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, _check(item.name, getattr(self, item.name), _hints()[item.name]))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise RecipeError(f"unknown method(s) {unknown or self.methods}; choose from {list(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise RecipeError(f"methods: duplicates in {self.methods}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise RecipeError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
+        for name in ("rank", "batch_size", "eval_batch_size", "grad_accum", "max_length", "max_new_tokens",
+                     "logging_steps"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.epochs <= 0 or self.warmup < 0:
+            raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
+        for method, overrides in self.per_method.items():
+            if method not in METHODS or not isinstance(overrides, dict):
+                raise RecipeError(f"per_method: key {method!r} must be a method of {list(METHODS)} "
+                                  "mapping to {field: value}")
+            bad = sorted(set(overrides) - set(_hints()) | set(overrides) & {"methods", "per_method", "output_dir"})
+            if bad:
+                raise RecipeError(f"per_method.{method}: unknown or not overridable key(s) {bad}")
+
+    def for_method(self, method: str) -> "RecipeConfig":
+        """This recipe with ``per_method[method]`` applied and ``methods == [method]``."""
+        values = {**self.to_dict(), **self.per_method.get(method, {}), "methods": [method], "per_method": {}}
+        return RecipeConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(RecipeConfig))
+    return _HINTS
+
+
+def _check(name: str, value: Any, hint: Any) -> Any:
+    """Validate/coerce one value against its annotation; ``RecipeError`` naming ``name`` if wrong."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        return _check(name, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{name} must be a non-empty string, got {value!r}")
+        return value
+    if hint in (list, dict):
+        if isinstance(value, tuple) and hint is list:
+            value = list(value)
+        if not isinstance(value, hint):
+            raise RecipeError(f"{name} must be a {'list' if hint is list else 'mapping'}, got {value!r}")
+        return value
+    raise TypeError(f"recipe field {name}: unsupported annotation {hint!r}")  # pragma: no cover
+
+
+def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON recipe into a dict, checking its keys.
+
+    Raises:
+        FileNotFoundError: naming the path.
+        RecipeError: not a mapping, unparsable, or keys that are not recipe fields (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as error:  # yaml.YAMLError / json.JSONDecodeError
+        raise RecipeError(f"recipe {path}: cannot parse: {error}") from error
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: top level must be a mapping of keys, got {type(data).__name__}")
+    if "method" in data:  # the flag's name is accepted as a key too
+        data["methods"] = data.pop("method")
+    if isinstance(data.get("methods"), str):
+        data["methods"] = [data["methods"]]
+    if isinstance(data.get("seeds"), int):
+        data["seeds"] = [data["seeds"]]
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RecipeConfig)})
+    if unknown:
+        raise RecipeError(f"recipe {path}: unknown key(s) {unknown}; known keys: "
+                          f"{sorted(f.name for f in dataclasses.fields(RecipeConfig))}")
+    return data
+
+
+def resolve_recipe(recipe_path: str | os.PathLike | None = None,
+                   overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    """Defaults < recipe file < overrides (e.g. parsed flags; ``None`` values are ignored)."""
+    values = load_recipe_file(recipe_path) if recipe_path is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return RecipeConfig(**values)
+    except RecipeError as error:
+        where = f"recipe {recipe_path}: " if recipe_path is not None else ""
+        raise RecipeError(f"{where}{error}") from None

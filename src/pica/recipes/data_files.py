@@ -1,0 +1,81 @@
+"""Read rows of a local data file (.jsonl, .json list, .csv) with their location for error messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["DATA_SUFFIXES", "iter_rows"]
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def iter_rows(path: str | os.PathLike, *, encoding: str = "utf-8",
+              allow_csv: bool = True) -> Iterator[tuple[str, dict]]:
+    """Yield ``(location, row)``: location is ``"<file>:<line>"`` (JSONL/CSV, 1-based) or
+    ``"<file>[<index>]"`` (JSON list, 0-based index).
+
+    Raises:
+        FileNotFoundError: naming the path.
+        ValueError: unknown suffix, unparsable line/file, or a row that is not an object (naming
+            file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffixes = DATA_SUFFIXES if allow_csv else (".jsonl", ".json")
+    if path.suffix not in suffixes:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {list(suffixes)}")
+    try:
+        if path.suffix == ".jsonl":
+            yield from _jsonl(path, encoding)
+        elif path.suffix == ".json":
+            yield from _json_list(path, encoding)
+        else:
+            yield from _csv(path, encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid {encoding} text ({error}); set the encoding option") from None
+
+
+def _jsonl(path: Path, encoding: str) -> Iterator[tuple[str, dict]]:
+    with path.open(encoding=encoding) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            yield f"{path}:{number}", _object(row, f"{path}:{number}")
+
+
+def _json_list(path: Path, encoding: str) -> Iterator[tuple[str, dict]]:
+    try:
+        data: Any = json.loads(path.read_text(encoding=encoding))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        yield f"{path}[{index}]", _object(row, f"{path}[{index}]")
+
+
+def _csv(path: Path, encoding: str) -> Iterator[tuple[str, dict]]:
+    with path.open(encoding=encoding, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise ValueError(f"{path}: empty CSV file (no header row)")
+        for row in reader:
+            if None in row or any(value is None for value in row.values()):
+                raise ValueError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} columns "
+                                 f"{reader.fieldnames}, got a different number")
+            yield f"{path}:{reader.line_num}", row
+
+
+def _object(row: Any, location: str) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{location}: each row must be a JSON object, got {type(row).__name__}")
+    return row

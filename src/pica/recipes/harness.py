@@ -1,0 +1,239 @@
+"""The experiment harness: every method on the same data, schedule and evaluation, through
+transformers ``Trainer`` (no hand-written loop, collator, scheduler or checkpointing).
+
+Everything that can fail on bad input (recipe, task, data rows, model path, output directory) is
+checked in :func:`prepare` before anything is written. Outputs are built in a hidden sibling
+directory and renamed into place at the end, so a failed run leaves no partial output directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+import yaml
+from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
+                          set_seed)
+
+from .config import RecipeConfig, RecipeError
+from .measure import PeakMemory, projector_progress, single_cpu_thread
+from .methods import apply_method, default_head_modules, parameter_split
+from .models import load_base_model, load_tokenizer
+from .results import format_table, plot_comparison, plot_loss, summarize, write_json
+from .tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreparedRun", "evaluate_model", "prepare", "run_experiment"]
+
+
+@dataclass
+class PreparedRun:
+    """A validated recipe with its task module, loaded examples and tokenizer."""
+
+    recipe: RecipeConfig
+    task: ModuleType
+    options: dict[str, Any]
+    tokenizer: Any
+    train_examples: list[dict]
+    eval_examples: list[dict]
+
+    @property
+    def metric(self) -> str:
+        return self.recipe.metric or self.options.get("metric") or "accuracy"
+
+
+def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
+            eval_examples: Optional[list[dict]] = None) -> PreparedRun:
+    """Validate everything and load the data; writes nothing.
+
+    Raises:
+        RecipeError / ValueError / FileNotFoundError: naming the key, task, file and line at fault.
+    """
+    task = get_task(recipe.task)
+    if recipe.model is None:
+        raise RecipeError("model is required (--model or the recipe key 'model')")
+    output = Path(recipe.output_dir)
+    if output.exists() and not recipe.overwrite:
+        raise RecipeError(f"output_dir {output} exists; pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise RecipeError(f"output_dir {output} exists and is not a directory")
+    options = dict(recipe.task_options)
+    if train_examples is None:
+        if recipe.train_data is None:
+            raise RecipeError("train_data is required (--train-data or the recipe key 'train_data')")
+        train_examples = task.load_examples(recipe.train_data, limit=recipe.train_limit, **options)
+    if eval_examples is None:
+        if recipe.eval_data is None:
+            raise RecipeError("eval_data is required (--eval-data or the recipe key 'eval_data')")
+        eval_examples = task.load_examples(recipe.eval_data, limit=recipe.eval_limit, **options)
+    if hasattr(task, "infer_options"):
+        options = task.infer_options(train_examples, options)
+    tokenizer = load_tokenizer(recipe.model, recipe.gguf_file)
+    return PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
+
+
+def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress: bool = True) -> dict:
+    """Run the task's evaluation with the recipe's batch size / generation length."""
+    extra: dict[str, Any] = {"batch_size": recipe.eval_batch_size, "max_new_tokens": recipe.max_new_tokens,
+                             "progress": progress}
+    if prepared.task.TASK_KIND == "classification":
+        extra["max_length"] = recipe.max_length
+    return prepared.task.evaluate(model, prepared.tokenizer, prepared.eval_examples, **extra, **prepared.options)
+
+
+def _load_model(prepared: PreparedRun, recipe: RecipeConfig):
+    return load_base_model(recipe.model, prepared.task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
+                           num_labels=prepared.options.get("num_labels"), problem=prepared.options.get("problem"),
+                           pad_token_id=prepared.tokenizer.pad_token_id)
+
+
+def _training_arguments(recipe: RecipeConfig, seed: int, run_dir: Path, progress: bool) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    checkpointing = {}
+    if recipe.gradient_checkpointing:  # transformers ≥5 renamed the argument
+        fields = TrainingArguments.__dataclass_fields__
+        checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
+                         else "gradient_checkpointing": True}
+    return TrainingArguments(
+        output_dir=str(run_dir / "trainer"), learning_rate=recipe.lr, num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum, warmup_steps=recipe.warmup,
+        lr_scheduler_type=recipe.scheduler, weight_decay=recipe.weight_decay, logging_steps=recipe.logging_steps,
+        logging_first_step=True, save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
+        bf16=cuda and recipe.dtype == "bfloat16", fp16=cuda and recipe.dtype == "float16",
+        remove_unused_columns=False, **checkpointing,
+        label_names=["labels"], disable_tqdm=not progress,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
+    )
+
+
+def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, progress: bool = True) -> dict:
+    """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict."""
+    recipe = prepared.recipe.for_method(method)
+    kind = prepared.task.TASK_KIND
+    run_dir.mkdir(parents=True)
+    file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    try:
+        logger.info("run %s seed %d → %s", method, seed, run_dir)
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            set_seed(seed)  # the new task head starts from the same draw for every method
+            model = _load_model(prepared, recipe)
+            heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
+            init_started = time.perf_counter()
+            on_cpu = next(model.parameters()).device.type == "cpu"
+            with projector_progress(progress), single_cpu_thread(on_cpu and method == "pica"):
+                model = apply_method(model, method, recipe, kind, heads)
+            init_seconds = time.perf_counter() - init_started
+            params = parameter_split(model, heads)
+            logger.info("%s: trainable %s", method, params)
+            dataset = prepared.task.build_train_dataset(prepared.train_examples, prepared.tokenizer,
+                                                        max_length=recipe.max_length, **prepared.options)
+            if kind == "generative":
+                collator = DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=-100, padding=True)
+            else:
+                collator = DataCollatorWithPadding(prepared.tokenizer)
+            if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            trainer = Trainer(model=model, args=_training_arguments(recipe, seed, run_dir, progress),
+                              train_dataset=dataset, data_collator=collator)
+            train_started = time.perf_counter()
+            train_output = trainer.train()
+            train_seconds = time.perf_counter() - train_started
+            eval_started = time.perf_counter()
+            evaluation = evaluate_model(trainer.model, prepared, recipe, progress)
+            eval_seconds = time.perf_counter() - eval_started
+        wall_seconds = time.perf_counter() - started
+        saved = None
+        if recipe.save_model:
+            saved = "adapter" if method not in ("full", "probe") else "model"
+            trainer.model.save_pretrained(run_dir / saved)
+            if saved == "model":
+                prepared.tokenizer.save_pretrained(run_dir / saved)
+        shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+        history = trainer.state.log_history
+        (run_dir / "train_log.jsonl").write_text("".join(f"{_json(entry)}\n" for entry in history), encoding="utf-8")
+        plot_loss(history, run_dir / "loss.png", f"{recipe.task}: {method}, seed {seed}")
+        (run_dir / "predictions.jsonl").write_text(
+            "".join(f"{_json(p)}\n" for p in evaluation["predictions"]), encoding="utf-8")
+        result = {
+            "method": method, "seed": seed, "task": recipe.task, "model": recipe.model,
+            "metrics": evaluation["metrics"], "trainable_params": params,
+            "train_loss": train_output.training_loss, "steps": trainer.state.global_step,
+            "init_seconds": round(init_seconds, 3), "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
+            "peak_memory_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
+            "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+            "saved": saved, "head_modules": heads,
+        }
+        write_json(run_dir / "results.json", result)
+        write_json(run_dir / "run.json", {**_run_info(prepared, recipe), "method": method, "seed": seed,
+                                          "saved": saved, "head_modules": heads})
+        return result
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+
+
+def _json(entry: Any) -> str:
+    import json
+
+    return json.dumps(entry, default=str)
+
+
+def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
+    """What ``pica eval`` / ``pica export`` need to rebuild the base model of a saved run."""
+    return {"task": recipe.task, "task_options": prepared.options, "model": recipe.model,
+            "gguf_file": recipe.gguf_file, "dtype": recipe.dtype, "max_length": recipe.max_length}
+
+
+def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
+    """Every method × seed of the recipe; writes the output directory atomically; returns results."""
+    recipe = prepared.recipe
+    output = Path(recipe.output_dir).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        resolved = {**recipe.to_dict(), "task_options": prepared.options}
+        (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+        runs = []
+        for method in recipe.methods:
+            for seed in recipe.seeds:
+                runs.append(train_one(prepared, method, seed, staging / method / f"seed{seed}", progress))
+        summary = summarize(runs)
+        table = format_table(summary, prepared.metric)
+        if len(summary) > 1:
+            plot_comparison(summary, prepared.metric, staging / "comparison.png",
+                            f"{recipe.task}: {prepared.metric} vs trainable parameters")
+        results = {"task": recipe.task, "model": recipe.model, "metric": prepared.metric, "summary": summary,
+                   "runs": runs, "table": table}
+        write_json(staging / "results.json", results)
+        (staging / "table.txt").write_text(table + "\n", encoding="utf-8")
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return results
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Move ``staging`` to ``output``, replacing an old ``output`` only once the new one is complete."""
+    trash = None
+    if output.exists():
+        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, trash)
+    os.replace(staging, output)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""One function per method: the same base model, adapted by peft (PiCa, LoRA, DoRA, VeRA, PiSSA),
+fully trainable (``full``), or frozen except the task head (``probe``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from peft import LoraConfig, PeftModel, TaskType, VeraConfig, get_peft_model
+from torch import nn
+
+from ..tuner.config import PiCaConfig
+from ..tuner.targets import DEFAULT_TARGET_MODULES
+from .config import RecipeConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_method", "default_head_modules", "parameter_split", "target_modules_for"]
+
+_HEAD_NAMES = ("classifier", "score")
+
+
+def default_head_modules(model: nn.Module, task_kind: str) -> list[str]:
+    """Task-head module names of a sequence classifier (``classifier``/``score``; DeBERTa's new
+    ``pooler`` too); none for generative tasks (the LM head is pretrained)."""
+    if task_kind != "classification":
+        return []
+    children = dict(model.named_children())
+    heads = [name for name in _HEAD_NAMES if name in children]
+    if getattr(model.config, "model_type", "").startswith("deberta") and "pooler" in children:
+        heads.append("pooler")
+    if not heads:
+        raise ValueError(f"cannot find the task head of {type(model).__name__} among {sorted(children)}; "
+                         "set head_modules")
+    return heads
+
+
+def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str]:
+    """The recipe's targets, else PiCa's default for the model type (used by every method)."""
+    if recipe.target_modules:
+        return list(recipe.target_modules)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"no default target_modules for model_type {model_type!r}; set target_modules "
+                         f"(known types: {sorted(DEFAULT_TARGET_MODULES)})")
+    return list(DEFAULT_TARGET_MODULES[model_type])
+
+
+def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind: str,
+                 head_modules: Optional[list[str]] = None) -> nn.Module:
+    """Return the model to train with ``method`` (a ``PeftModel`` for adapter methods)."""
+    heads = head_modules if head_modules is not None else default_head_modules(model, task_kind)
+    if method in ("full", "probe"):
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(method == "full" or name.split(".")[0] in heads)
+        return model
+    task_type = TaskType.SEQ_CLS if task_kind == "classification" else TaskType.CAUSAL_LM
+    targets = target_modules_for(model, recipe)
+    saved = heads or None
+    if method == "pica":
+        config = PiCaConfig(rank=recipe.rank, target_modules=targets, share_across_layers=recipe.share,
+                            subspace=recipe.subspace, subspace_seed=recipe.subspace_seed, modules_to_save=saved,
+                            task_type=task_type)
+    elif method in ("lora", "dora", "pissa"):
+        alpha = recipe.lora_alpha if recipe.lora_alpha is not None else (recipe.rank if method == "pissa"
+                                                                          else 2 * recipe.rank)
+        config = LoraConfig(r=recipe.rank, lora_alpha=alpha, lora_dropout=recipe.lora_dropout,
+                            target_modules=targets, modules_to_save=saved, task_type=task_type,
+                            use_dora=method == "dora",
+                            init_lora_weights="pissa_niter_4" if method == "pissa" else True)
+    elif method == "vera":
+        config = VeraConfig(r=recipe.rank, target_modules=targets, modules_to_save=saved, task_type=task_type)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return get_peft_model(model, config)
+
+
+def parameter_split(model: nn.Module, head_modules: list[str]) -> dict[str, int]:
+    """Trainable parameters: ``adapter`` (everything trainable outside the head; the whole body for
+    ``full``), ``head``, ``total``; and ``model_total`` (all parameters, trainable or not)."""
+    heads = set(head_modules)
+    adapter = head = total = 0
+    for name, parameter in model.named_parameters():
+        total += parameter.numel()
+        if not parameter.requires_grad:
+            continue
+        parts = name.split(".")
+        if isinstance(model, PeftModel):
+            parts = parts[2:]  # base_model.model.<...>
+        if parts and parts[0] in heads:
+            head += parameter.numel()
+        else:
+            adapter += parameter.numel()
+    return {"adapter": adapter, "head": head, "total": adapter + head, "model_total": total}

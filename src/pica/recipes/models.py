@@ -1,0 +1,66 @@
+"""Load the base model and tokenizer (local directory, hub id, or GGUF) for a task kind."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_base_model", "load_tokenizer", "model_source"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_source(model: str, gguf_file: Optional[str]) -> tuple[str, dict[str, Any]]:
+    """``(path or hub id, extra from_pretrained kwargs)``; a ``--model x.gguf`` file is split into its
+    directory and ``gguf_file``.
+
+    Raises:
+        FileNotFoundError: a GGUF file, or a path-looking model, that does not exist.
+    """
+    path = Path(model)
+    if gguf_file is None and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path / gguf_file}")
+        return str(path), {"gguf_file": gguf_file}
+    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model}")
+    return model, {}
+
+
+def load_tokenizer(model: str, gguf_file: Optional[str] = None):
+    """The model's tokenizer, with a pad token (EOS if it has none)."""
+    source, extra = model_source(model, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = None, dtype: str = "float32",
+                    num_labels: Optional[int] = None, problem: Optional[str] = None, pad_token_id: Optional[int] = None
+                    ) -> nn.Module:
+    """``AutoModelForCausalLM`` (generative) or ``AutoModelForSequenceClassification`` (classification).
+
+    A new classification head is initialised from torch's current RNG state: seed before calling.
+    """
+    source, extra = model_source(model, gguf_file)
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], **extra}
+    if task_kind == "generative":
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    else:
+        problem_type = "regression" if problem == "regression" else "single_label_classification"
+        loaded = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
+                                                                    problem_type=problem_type, **kwargs)
+    if pad_token_id is not None and getattr(loaded.config, "pad_token_id", None) is None:
+        loaded.config.pad_token_id = pad_token_id
+    return loaded
