@@ -1,0 +1,1 @@
+"""Training and evaluation recipes for pica (placeholder; engineer A owns this file)."""

@@ -1,0 +1,1 @@
+"""Task formats for the pica recipes (placeholder; engineer A owns the registry in this file)."""
