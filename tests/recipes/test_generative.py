@@ -221,3 +221,35 @@ def test_generate_validates_arguments():
 ])
 def test_cut_at_stop(text, expected):
     assert generative.cut_at_stop(text, ("### Instruction", "Question:", "Response:")) == expected
+
+
+def test_pica_peft_model_trains_on_response_rows_and_generates_through_the_adapter():
+    """The rows give PiCa's M a gradient, and generation on the PeftModel uses the adapter (equals merged)."""
+    from peft import get_peft_model
+
+    from pica import PiCaConfig
+
+    tokenizer = bpe_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    dataset = generative.build_sft_dataset(["Q: 2+2?", "Q: how many clips?"], ["4", "72 clips"], tokenizer,
+                                           max_length=64)
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)([*dataset])
+    tokenizer.pad_token = None
+    model = get_peft_model(tiny_llama(len(tokenizer), seed=1), PiCaConfig(rank=4))
+    model.train()
+    model(**batch).loss.backward()
+    updates = [p for name, p in model.named_parameters() if p.requires_grad]
+    assert updates and all(p.grad is not None and p.grad.abs().sum() > 0 for p in updates)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for update in updates:
+            update.copy_(torch.randn(update.shape, generator=generator) * 0.5)
+    prompts = ["Q: 2+2?", "Natalia sold 48 clips in April."]
+    adapted = generative.generate_responses(model, tokenizer, prompts, batch_size=2, max_new_tokens=6, progress=False)
+    assert model.training is True  # restored
+    base_only = generative.generate_responses(tiny_llama(len(tokenizer), seed=1), tokenizer, prompts, batch_size=2,
+                                              max_new_tokens=6, progress=False)
+    merged = generative.generate_responses(model.merge_and_unload(), tokenizer, prompts, batch_size=2,
+                                           max_new_tokens=6, progress=False)
+    assert adapted == merged
+    assert adapted != base_only
