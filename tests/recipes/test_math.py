@@ -38,6 +38,8 @@ from pica.recipes.tasks.generative import IGNORE_INDEX
     ("", None),
     ("answer1 is x5", None),  # digits inside words are not numbers
     ("It is 5.5.", "5.5"),
+    ("She had 10 - 3 left", "3"),  # a spaced minus is subtraction, not a sign
+    ("The answer is: $ 12", "12"),
 ])
 def test_extract_answer(text, expected):
     assert math_task.extract_answer(text) == expected
@@ -102,7 +104,8 @@ def test_load_json_list(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "x", "completion": "y"}, r"line 2: expected fields 'question'/'answer' \(GSM8K\) or 'query'/'response'"),
+    ({"prompt": "x", "completion": "y"},
+     r"line 2: expected fields 'question'/'answer' \(GSM8K\) or 'query'/'response'"),
     ({"question": "x"}, "line 2: missing field 'answer'"),
     ({"query": "x", "response": 5}, "line 2: field 'response' must be a string"),
     ({"query": "", "response": "#### 5"}, "line 2: field 'query' is empty"),
@@ -231,6 +234,7 @@ def test_smollm2_gguf_gsm8k_four_examples():
     """A real 135M instruct model (GGUF, dequantised to fp32 on load) through evaluate() on 4 GSM8K rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    pytest.importorskip("gguf")
     folder, gguf_file = _smollm2_files()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)

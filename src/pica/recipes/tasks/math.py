@@ -81,13 +81,15 @@ def gsm8k_path(split: str) -> Path:
 # --------------------------------------------------------------------------------------------- answers
 
 # A number: optional sign and "$", digits with optional thousands commas, optional decimals, or a fraction.
-_NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\$?\.\d+"
+_NUMBER = r"-?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\$?\.\d+"
 _NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
 _MARKER_RE = re.compile(r"####|the answer is\s*:?", re.IGNORECASE)
 
 
 def normalize_number(token: str) -> str | None:
-    """Canonical string of a number token: ``"$1,234.50"`` → ``"1234.5"``, ``"-7"`` → ``"-7"``, ``"3/4"`` → ``"3/4"``.
+    """Canonical string of a number token.
+
+    ``"$1,234.50"`` → ``"1234.5"``, ``"-7"`` → ``"-7"``, ``"3/4"`` → ``"0.75"``, ``"1/3"`` → ``"1/3"``.
 
     Returns ``None`` if ``token`` is not a number (or a fraction over zero).
     """
