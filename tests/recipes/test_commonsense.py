@@ -191,3 +191,16 @@ def test_evaluate_tiny_random_llama_end_to_end(tmp_path):
     for prediction in result["predictions"]:
         assert prediction["extracted"] == commonsense.extract_answer(prediction["task"], prediction["generation"])
         assert prediction["correct"] == (prediction["extracted"] == prediction["target"])
+
+
+def test_one_options_dict_serves_every_verb(tmp_path):
+    tokenizer = bpe_tokenizer()
+    options = {"task": "boolq", "train_on_prompt": True, "on_overlong": "drop"}
+    examples = commonsense.load_examples(_write(tmp_path / "data.jsonl", _rows("boolq")), **options)
+    assert {row["task"] for row in examples} == {"boolq"}
+    row = commonsense.build_train_dataset(examples, tokenizer, max_length=256, **options)[0]
+    assert row["labels"] == row["input_ids"]
+    model = ScriptedModel(tokenizer, {commonsense.format_prompt(e): e["answer"] for e in examples})
+    assert commonsense.evaluate(model, tokenizer, examples, progress=False, **options)["metrics"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown commonsense task option\(s\) \['prompt_suffix'\]"):
+        commonsense.evaluate(model, tokenizer, examples, progress=False, prompt_suffix="")

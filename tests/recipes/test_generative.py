@@ -253,3 +253,9 @@ def test_pica_peft_model_trains_on_response_rows_and_generates_through_the_adapt
                                            max_new_tokens=6, progress=False)
     assert adapted == merged
     assert adapted != base_only
+
+
+def test_check_options():
+    assert generative.check_options({"a": 2}, {"a": 1, "b": 0}, "demo") == {"a": 2, "b": 0}
+    with pytest.raises(ValueError, match=r"unknown demo task option\(s\) \['c', 'd'\]; known: \['a', 'b'\]"):
+        generative.check_options({"c": 1, "d": 2}, {"a": 1, "b": 0}, "demo")

@@ -252,3 +252,21 @@ def test_smollm2_gguf_gsm8k_four_examples():
     for prediction in result["predictions"]:
         assert prediction["extracted"] == math_task.extract_answer(prediction["generation"])
         assert prediction["correct"] == math_task.answers_match(prediction["extracted"], prediction["target"])
+
+
+def test_one_options_dict_serves_every_verb(tmp_path):
+    """The harness passes the same task_options to load, build and evaluate; unknown options fail by name."""
+    tokenizer = bpe_tokenizer()
+    options = {"prompt_suffix": "", "train_on_prompt": True, "on_overlong": "error"}
+    path = _write_jsonl(tmp_path / "train.jsonl", [{"question": "Janet's ducks lay 16 eggs.", "answer": "#### 18"}])
+    examples = math_task.load_examples(path, **options)
+    row = math_task.build_train_dataset(examples, tokenizer, max_length=128, **options)[0]
+    assert row["labels"] == row["input_ids"]  # train_on_prompt reached the builder
+    model = ScriptedModel(tokenizer, {math_task.format_prompt(examples[0]["question"]): "#### 18"})
+    assert math_task.evaluate(model, tokenizer, examples, progress=False, **options)["metrics"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown math task option\(s\) \['text_fields'\]"):
+        math_task.load_examples(path, text_fields=["question"])
+    with pytest.raises(ValueError, match="unknown math task option"):
+        math_task.build_train_dataset(examples, tokenizer, max_length=128, task="boolq")
+    with pytest.raises(ValueError, match="unknown math task option"):
+        math_task.evaluate(model, tokenizer, examples, progress=False, label_field="x")

@@ -63,6 +63,10 @@ LABEL_WORDS: dict[str, tuple[str, ...]] = {
 }
 """Canonical task name → the label words its answers use (in the official order of the 8 tasks)."""
 
+OPTIONS = {"task": None, "train_on_prompt": False, "on_overlong": "drop"}
+"""Task options and defaults. Every verb accepts all of them (the harness passes one dict to each):
+``task`` (load_examples), ``train_on_prompt`` and ``on_overlong`` (build_train_dataset)."""
+
 _ALIASES = {"siqa": "social_i_qa", "socialiqa": "social_i_qa", "arce": "ARC-Easy", "arceasy": "ARC-Easy",
             "arcc": "ARC-Challenge", "arcchallenge": "ARC-Challenge", "obqa": "openbookqa"}
 _LABEL_PATTERNS = {task: re.compile("|".join(map(re.escape, words))) for task, words in LABEL_WORDS.items()}
@@ -108,13 +112,14 @@ def _task_files(folder: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def load_examples(source: str | os.PathLike, *, limit: int | None = None, task: str | None = None) -> list[dict]:
+def load_examples(source: str | os.PathLike, *, limit: int | None = None, **options: Any) -> list[dict]:
     """Read commonsense rows from a file, or every task file in a folder.
 
     Args:
         source: a ``.json``/``.jsonl`` file, or a folder (module docstring).
         limit: keep the first ``limit`` rows of each file (of each task, for a folder).
-        task: the task of every row of a file (overrides row fields and the file name).
+        **options: task options (:data:`OPTIONS`); ``task`` is the task of every row of a file (overrides
+            row fields and the file name).
 
     Returns:
         Canonical rows ``{"task": str | None, "instruction", "input", "output", "answer"}``.
@@ -124,6 +129,7 @@ def load_examples(source: str | os.PathLike, *, limit: int | None = None, task: 
         ValueError: malformed row (names file, line and field), unknown ``task``, or an ``answer`` that is
             not a label word of the row's task.
     """
+    task = generative.check_options(options, OPTIONS, "commonsense")["task"]
     path = Path(source)
     if path.is_dir():
         if task is not None:
@@ -163,23 +169,25 @@ def format_prompt(example: dict[str, Any]) -> str:
     return generative.format_prompt(example["instruction"], example.get("input", ""))
 
 
-def build_train_dataset(examples: list[dict[str, Any]], tokenizer, *, max_length: int, train_on_prompt: bool = False,
-                        on_overlong: str = "drop"):
+def build_train_dataset(examples: list[dict[str, Any]], tokenizer, *, max_length: int, **options: Any):
     """Tokenised rows (``input_ids``, ``attention_mask``, ``labels``) with the loss on ``output`` + EOS.
 
-    See :func:`pica.recipes.tasks.generative.build_sft_dataset` for truncation and the overlong policy.
+    Options ``train_on_prompt`` (default ``False``; ``True`` reproduces the LLM-Adapters training) and
+    ``on_overlong`` (``"drop"``): see :func:`pica.recipes.tasks.generative.build_sft_dataset`.
     """
+    chosen = generative.check_options(options, OPTIONS, "commonsense")
     return generative.build_sft_dataset([format_prompt(example) for example in examples],
                                         [example["output"] for example in examples], tokenizer,
-                                        max_length=max_length, train_on_prompt=train_on_prompt,
-                                        on_overlong=on_overlong)
+                                        max_length=max_length, train_on_prompt=chosen["train_on_prompt"],
+                                        on_overlong=chosen["on_overlong"])
 
 
 def evaluate(model, tokenizer, examples: list[dict[str, Any]], *, batch_size: int = 8, max_new_tokens: int = 32,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, **options: Any) -> dict[str, Any]:
     """Greedy-decode an answer for each example and score its first label word.
 
-    ``max_new_tokens`` defaults to 32, the official setting (the answer sentence is short).
+    ``max_new_tokens`` defaults to 32, the official setting (the answer sentence is short). ``options``:
+    the task options (:data:`OPTIONS`), checked, none used here.
 
     Returns:
         ``{"metrics": {"accuracy/<task>": float for each task present, "accuracy": mean over those tasks},
@@ -187,6 +195,7 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], *, batch_size: in
     """
     from sklearn.metrics import accuracy_score
 
+    generative.check_options(options, OPTIONS, "commonsense")
     if not examples:
         raise ValueError("no examples to evaluate")
     for index, example in enumerate(examples):

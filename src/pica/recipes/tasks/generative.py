@@ -118,6 +118,18 @@ def require_text(record: dict[str, Any], field: str, where: str, *, allow_empty:
     return value
 
 
+def check_options(options: dict[str, Any], known: dict[str, Any], task: str) -> dict[str, Any]:
+    """``known`` (option → default) updated with ``options``; ValueError naming unknown options.
+
+    The harness passes one ``task_options`` dict to every verb of a task (load, build, evaluate), so
+    each verb accepts all of its task's options and uses the ones it needs.
+    """
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {task} task option(s) {unknown}; known: {sorted(known)}")
+    return {**known, **options}
+
+
 # ------------------------------------------------------------------------------------------ tokenising
 
 def eos_token_id(tokenizer) -> int:

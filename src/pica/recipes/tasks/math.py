@@ -40,6 +40,10 @@ TASK_KIND = "generative"
 COT_TRIGGER = " Let's think step by step."
 """Appended to the prompt at evaluation by PiCa's official GSM8K script."""
 
+OPTIONS = {"prompt_suffix": COT_TRIGGER, "train_on_prompt": False, "on_overlong": "drop"}
+"""Task options and defaults. Every verb accepts all of them (the harness passes one dict to each):
+``prompt_suffix`` (evaluate), ``train_on_prompt`` and ``on_overlong`` (build_train_dataset)."""
+
 STOP_STRINGS = ("### Instruction", "Instruction:", "### Response", "Response:", "Question:", "USER:", "ASSISTANT:")
 """The generated text is cut at the first of these (the official script stops vLLM on the same words)."""
 
@@ -161,12 +165,13 @@ def answers_match(prediction: str | None, gold: str | None) -> bool:
 
 # ------------------------------------------------------------------------------------------ task verbs
 
-def load_examples(source: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, Any]]:
+def load_examples(source: str | os.PathLike, *, limit: int | None = None, **options: Any) -> list[dict[str, Any]]:
     """Read GSM8K (``question``/``answer``) or MetaMathQA-style (``query``/``response``) rows.
 
     Args:
         source: a ``.jsonl`` or ``.json`` file (e.g. :func:`gsm8k_path` ``("test")``).
         limit: keep the first ``limit`` rows.
+        **options: task options (:data:`OPTIONS`), checked, none used here.
 
     Returns:
         Canonical rows ``{"question", "solution", "answer"}`` (module docstring).
@@ -174,6 +179,7 @@ def load_examples(source: str | os.PathLike, *, limit: int | None = None) -> lis
     Raises:
         FileNotFoundError: missing file. ValueError: a row without either field pair, naming file and line.
     """
+    generative.check_options(options, OPTIONS, "math")
     examples = []
     for where, record in generative.read_records(source, limit=limit):
         if "query" in record or "response" in record:
@@ -198,33 +204,35 @@ def format_prompt(question: str) -> str:
     return generative.format_prompt(question)
 
 
-def build_train_dataset(examples: list[dict[str, Any]], tokenizer, *, max_length: int, train_on_prompt: bool = False,
-                        on_overlong: str = "drop"):
+def build_train_dataset(examples: list[dict[str, Any]], tokenizer, *, max_length: int, **options: Any):
     """Tokenised rows (``input_ids``, ``attention_mask``, ``labels``) with the loss on ``solution`` + EOS.
 
-    See :func:`pica.recipes.tasks.generative.build_sft_dataset` for truncation and the overlong policy.
+    Options ``train_on_prompt`` (default ``False``) and ``on_overlong`` (``"drop"``): see
+    :func:`pica.recipes.tasks.generative.build_sft_dataset` for them and for truncation.
     """
+    chosen = generative.check_options(options, OPTIONS, "math")
     prompts = [format_prompt(example["question"]) for example in examples]
     solutions = [example["solution"] for example in examples]
     return generative.build_sft_dataset(prompts, solutions, tokenizer, max_length=max_length,
-                                        train_on_prompt=train_on_prompt, on_overlong=on_overlong)
+                                        train_on_prompt=chosen["train_on_prompt"], on_overlong=chosen["on_overlong"])
 
 
 def evaluate(model, tokenizer, examples: list[dict[str, Any]], *, batch_size: int = 8, max_new_tokens: int = 256,
-             progress: bool = True, prompt_suffix: str = COT_TRIGGER) -> dict[str, Any]:
+             progress: bool = True, **options: Any) -> dict[str, Any]:
     """Greedy-decode a solution for each example and score its final number.
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
         examples: canonical rows, every one with a numeric ``answer``.
         batch_size, max_new_tokens, progress: see :func:`generative.generate_responses`.
-        prompt_suffix: appended after ``### Response:`` (the official chain-of-thought trigger by default;
-            ``""`` for exactly the training prompt).
+        **options: task options (:data:`OPTIONS`); ``prompt_suffix`` is appended after ``### Response:``
+            (the official chain-of-thought trigger by default; ``""`` for exactly the training prompt).
 
     Returns:
         ``{"metrics": {"accuracy": float}, "predictions": [{"question", "prompt", "target", "generation",
         "extracted", "correct"}, ...]}``.
     """
+    prompt_suffix = generative.check_options(options, OPTIONS, "math")["prompt_suffix"]
     if not examples:
         raise ValueError("no examples to evaluate")
     for index, example in enumerate(examples):
