@@ -9,6 +9,8 @@
   scripts); we use one clean template for training and evaluation.
 * Tokenisation with response-only labels (:func:`build_sft_dataset`).
 * Batched greedy generation that returns only the generated text (:func:`generate_responses`).
+* Task options: the harness passes one ``task_options`` dict to every verb of a task
+  (:func:`check_options`).
 """
 
 from __future__ import annotations
