@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
+from tests.recipes.generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
 
 from pica.recipes.tasks import commonsense
 from pica.recipes.tasks.generative import IGNORE_INDEX

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
+from tests.recipes.generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
 from transformers import DataCollatorForSeq2Seq
 
 from pica.recipes.tasks import generative

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
+from tests.recipes.generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
 
 from pica.recipes.tasks import generative
 from pica.recipes.tasks import math as math_task
