@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FINGERPRINT_SIZE",
+    "LEAK_TOLERANCE",
     "canonicalize_signs",
     "fingerprint_distance",
     "top_right_singular_vectors",
@@ -47,20 +48,114 @@ def canonicalize_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def top_right_singular_vectors(
-    weight: torch.Tensor, rank: int, compute_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Exact top-``rank`` right singular vectors of ``weight``, sign-canonicalised.
+def _gram(side: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``sideᵀ side`` from the upper block triangle only (the lower blocks are its transposes).
 
-    Works on the smaller Gram matrix (``WᵀW`` if ``in ≤ out``, else ``WWᵀ``) with a symmetric
-    eigensolver, which avoids a full SVD of the larger side. For the wide case the right vectors
-    are recovered as ``V_r = diag(1/σ_r) U_rᵀ W``. If the kept singular values are too small for
-    that recovery to be accurate (rank-deficient weights), it falls back to a thin SVD and logs it.
+    ``blocks`` column blocks cost ``(blocks + 1) / (2 blocks)`` of one full product (5/8 for 4).
+
+    Args:
+        side: ``(long, short)`` matrix.
+        blocks: number of column blocks (a plain product below 512 columns).
+
+    Returns:
+        ``(short, short)`` symmetric Gram matrix in ``side.dtype``.
+    """
+    short = side.shape[1]
+    if short < 512:
+        return side.T @ side
+    edges = [short * i // blocks for i in range(blocks + 1)]
+    gram = side.new_empty(short, short)  # (short, short)
+    for i in range(blocks):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, blocks):
+            cols = slice(edges[j], edges[j + 1])
+            block = side[:, rows].T @ side[:, cols]  # (rows, cols)
+            gram[rows, cols] = block
+            if j != i:
+                gram[cols, rows] = block.T
+    return gram
+
+
+def _gram_rayleigh_ritz(
+    matrix: torch.Tensor, rank: int, gram_dtype: torch.dtype, block: int
+) -> tuple[torch.Tensor | None, float, float]:
+    """Top-``rank`` right singular vectors via a Gram eigenbasis refined by Rayleigh-Ritz in float64.
+
+    1. ``G`` = Gram matrix of the smaller side (``WᵀW`` if tall, ``WWᵀ`` if wide) in ``gram_dtype``;
+       ``eigh(G)`` gives a basis of its top ``block`` (> ``rank``) eigenvectors.
+    2. Rayleigh-Ritz on ``W`` itself in float64: the singular vectors of ``W`` restricted to that
+       basis. This removes the squaring of the condition number inside the block, so the result is
+       as accurate as the block contains the true top-``rank`` subspace.
+    3. That containment error is bounded by ``‖ΔG‖ / (λ_rank − λ_{block+1})`` (Davis-Kahan), with the
+       rounding error of the Gram estimated as ``‖ΔG‖ ≈ eps · sqrt(long) · λ_1``. The bound is returned
+       with the error a float32 SVD makes at this cut, ``eps32 · σ_1 / (σ_rank − σ_{rank+1})``.
+
+    Args:
+        matrix: ``(out_features, in_features)``.
+        rank: number of vectors wanted.
+        gram_dtype: dtype of the Gram matrix and its eigensolver.
+        block: size of the eigenbasis, ``rank < block < min(out_features, in_features)``.
+
+    Returns:
+        ``(rows, bound, svd_error)``: ``(rank, in_features)`` float64 rows (None if the top ``rank``
+        Gram eigenvalues are not above its rounding error), the containment bound, the float32-SVD
+        error estimate.
+    """
+    out_features, in_features = matrix.shape
+    tall = in_features <= out_features
+    side = matrix.to(gram_dtype)
+    side = side if tall else side.T  # (long, short)
+    eigenvalues, eigenvectors = torch.linalg.eigh(_gram(side))  # ascending
+    eigenvalues = eigenvalues.flip(0).double()  # (short,) descending
+    noise = torch.finfo(gram_dtype).eps * side.shape[0] ** 0.5 * float(eigenvalues[0].abs())
+    separation = float(eigenvalues[rank - 1] - eigenvalues[block].clamp_min(0))
+    bound = noise / separation if separation > 0 else float("inf")
+    singular = eigenvalues.clamp_min(0).sqrt()  # (short,)
+    cut_gap = float(singular[rank - 1] - singular[rank])
+    svd_error = torch.finfo(torch.float32).eps * float(singular[0]) / cut_gap if cut_gap > 0 else float("inf")
+    if separation <= 0 or float(eigenvalues[rank - 1]) <= noise:
+        return None, bound, svd_error
+    basis = torch.linalg.qr(eigenvectors[:, -block:].flip(-1).double()).Q  # (short, block)
+    exact = matrix.double()  # (out, in)
+    if tall:
+        projected = exact @ basis  # (out, block): W restricted to the basis of the input space
+        _, ritz = torch.linalg.eigh(projected.T @ projected)  # (block, block), ascending
+        top = (basis @ ritz[:, -rank:].flip(-1)).T  # (rank, in)
+    else:
+        projected = basis.T @ exact  # (block, in): U_blockᵀ W
+        _, ritz = torch.linalg.eigh(projected @ projected.T)  # left Ritz vectors, ascending
+        top = ritz[:, -rank:].flip(-1).T @ projected  # (rank, in) = diag(σ) Vh
+        top = torch.linalg.qr(top.T).Q.T  # (rank, in): unit rows, same nested spans in order
+    return top, bound, svd_error
+
+
+LEAK_TOLERANCE = 1e-5
+"""Davis-Kahan bound on how far the Gram eigenbasis may miss the top subspace that is always
+accepted; a larger bound is accepted only up to the error a float32 SVD makes on the same matrix."""
+
+
+def top_right_singular_vectors(
+    weight: torch.Tensor,
+    rank: int,
+    compute_dtype: torch.dtype = torch.float32,
+    oversample: int | None = None,
+) -> torch.Tensor:
+    """Exact top-``rank`` right singular vectors of ``weight``, sign-canonicalised, without a full SVD.
+
+    Route (see :func:`_gram_rayleigh_ritz`): eigenbasis of the smaller Gram matrix in
+    ``compute_dtype``, then Rayleigh-Ritz on ``W`` in float64. If the a-priori bound on how far that
+    eigenbasis may miss the true top subspace exceeds both :data:`LEAK_TOLERANCE` and the error
+    estimate of a float32 SVD at this cut (small singular values at the cut relative to the Gram's
+    rounding error, e.g. steeply decaying spectra), the Gram is recomputed in
+    float64; if it still fails (numerically rank-deficient ``W``), a thin float64 SVD is used. Each
+    fallback is logged. Small problems (basis as large as the smaller side) use the thin SVD directly.
 
     Args:
         weight: ``(out_features, in_features)`` weight in PyTorch layout, any float dtype/device.
         rank: number of singular vectors, ``1 ≤ rank ≤ min(out_features, in_features)``.
-        compute_dtype: ``torch.float32`` or ``torch.float64``; the model's dtype is irrelevant.
+        compute_dtype: ``torch.float32`` or ``torch.float64``: precision of the Gram matrix (the
+            refinement is always float64); also the returned dtype.
+        oversample: extra basis vectors beyond ``rank`` (default ``max(32, rank // 4)``).
 
     Returns:
         ``(rank, in_features)`` tensor in ``compute_dtype`` on ``weight.device``, orthonormal rows.
@@ -76,27 +171,24 @@ def top_right_singular_vectors(
                          f"{tuple(weight.shape)}, got {rank!r}")
     if compute_dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
-    matrix = weight.detach().to(compute_dtype)  # (out, in)
+    matrix = weight.detach()
     if not torch.isfinite(matrix).all():
         raise ValueError("weight has non-finite entries; cannot compute its singular vectors")
-
-    if in_features <= out_features:
-        gram = matrix.T @ matrix  # (in, in)
-        _, eigenvectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-        top = eigenvectors[:, -rank:].flip(-1).T  # (rank, in)
-    else:
-        gram = matrix @ matrix.T  # (out, out)
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        top_values = eigenvalues[-rank:].flip(-1).clamp_min(0)  # (rank,)
-        relative_floor = torch.finfo(compute_dtype).eps ** 0.5 * 10
-        if top_values[-1] <= relative_floor * top_values[0]:
-            logger.info("weight %s is near rank-deficient at rank %d; using a thin SVD", tuple(weight.shape), rank)
-            top = torch.linalg.svd(matrix, full_matrices=False).Vh[:rank]  # (rank, in)
-        else:
-            left = eigenvectors[:, -rank:].flip(-1)  # (out, rank)
-            top = (left.T @ matrix) / top_values.sqrt().unsqueeze(1)  # (rank, in)
-            top = torch.linalg.qr(top.T).Q.T  # (rank, in) re-orthonormalised, same row spaces in order
-    return canonicalize_signs(top.contiguous())
+    block = min(out_features, in_features, rank + (max(32, rank // 4) if oversample is None else oversample))
+    top = None
+    if block < min(out_features, in_features):
+        for gram_dtype in dict.fromkeys((compute_dtype, torch.float64)):
+            top, bound, svd_error = _gram_rayleigh_ritz(matrix, rank, gram_dtype, block)
+            tolerance = max(LEAK_TOLERANCE, svd_error)
+            if top is not None and bound <= tolerance:
+                break
+            logger.info("projector of %s at rank %d: %s Gram basis may miss the top subspace by %.2g > %.2g; %s",
+                        tuple(weight.shape), rank, str(gram_dtype).removeprefix("torch."), bound, tolerance,
+                        "retrying in float64" if gram_dtype != torch.float64 else "using a thin SVD")
+            top = None
+    if top is None:
+        top = torch.linalg.svd(matrix.double(), full_matrices=False).Vh[:rank]  # (rank, in)
+    return canonicalize_signs(top.to(compute_dtype).contiguous())
 
 
 def _probe_vectors(size: int, count: int, device: torch.device) -> torch.Tensor:
