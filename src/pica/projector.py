@@ -76,6 +76,30 @@ def _gram(side: torch.Tensor, blocks: int = 4) -> torch.Tensor:
     return gram
 
 
+def _gram_error_norm(gram: torch.Tensor, side: torch.Tensor, probes: int = 4, steps: int = 3) -> float:
+    """Estimate ``‖gram − sideᵀ side‖₂`` (the rounding error of a Gram matrix) by block power iteration.
+
+    Args:
+        gram: ``(short, short)`` computed Gram matrix.
+        side: ``(long, short)`` float64 matrix it was computed from.
+        probes: block size.
+        steps: power iterations (the estimate approaches the norm from below).
+
+    Returns:
+        The largest ``‖E z‖`` over the unit vectors of the last block.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    block = torch.randn(side.shape[1], probes, generator=generator, dtype=torch.float64).to(side.device)
+    exact_gram = gram.double()
+    norm = 0.0
+    for _ in range(steps):
+        block = torch.linalg.qr(block).Q  # (short, probes)
+        error = exact_gram @ block - side.T @ (side @ block)  # (short, probes)
+        norm = float(torch.linalg.vector_norm(error, dim=0).max())
+        block = error
+    return norm
+
+
 def _gram_rayleigh_ritz(
     matrix: torch.Tensor, rank: int, gram_dtype: torch.dtype, block: int
 ) -> tuple[torch.Tensor | None, float, float]:
@@ -86,9 +110,13 @@ def _gram_rayleigh_ritz(
     2. Rayleigh-Ritz on ``W`` itself in float64: the singular vectors of ``W`` restricted to that
        basis. This removes the squaring of the condition number inside the block, so the result is
        as accurate as the block contains the true top-``rank`` subspace.
-    3. That containment error is bounded by ``‖ΔG‖ / (λ_rank − λ_{block+1})`` (Davis-Kahan), with the
-       rounding error of the Gram estimated as ``‖ΔG‖ ≈ eps · sqrt(long) · λ_1``. The bound is returned
-       with the error a float32 SVD makes at this cut, ``eps32 · σ_1 / (σ_rank − σ_{rank+1})``.
+    3. How far that basis may miss the true top-``rank`` subspace (the containment error) is bounded
+       by ``‖R‖ / (λ_rank − λ_{block+1})`` where ``R = G_exact V − V Λ`` is the basis residual against
+       the exact Gram (Davis-Kahan). ``‖R‖ ≤ ‖fl(G) V − V Λ‖₂ + ‖fl(G) − G_exact‖₂``: the first term
+       is computed in float64, the second is estimated by 3 steps of block power iteration on
+       ``fl(G) − WᵀW`` (products with ``W`` in float64), times a safety factor 2.
+       The bound is returned with the error a float32 SVD makes at this cut,
+       ``eps32 · σ_1 / (σ_rank − σ_{rank+1})``.
 
     Args:
         matrix: ``(out_features, in_features)``.
@@ -103,11 +131,15 @@ def _gram_rayleigh_ritz(
     """
     out_features, in_features = matrix.shape
     tall = in_features <= out_features
+    exact = matrix.double()  # (out, in)
     side = matrix.to(gram_dtype)
     side = side if tall else side.T  # (long, short)
-    eigenvalues, eigenvectors = torch.linalg.eigh(_gram(side))  # ascending
+    gram = _gram(side)  # (short, short)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
     eigenvalues = eigenvalues.flip(0).double()  # (short,) descending
-    noise = torch.finfo(gram_dtype).eps * side.shape[0] ** 0.5 * float(eigenvalues[0].abs())
+    top_vectors = eigenvectors[:, -block:].flip(-1).double()  # (short, block)
+    eigen_residual = torch.linalg.matrix_norm(gram.double() @ top_vectors - top_vectors * eigenvalues[:block], ord=2)
+    noise = float(eigen_residual) + 2.0 * _gram_error_norm(gram, exact if tall else exact.T)
     separation = float(eigenvalues[rank - 1] - eigenvalues[block].clamp_min(0))
     bound = noise / separation if separation > 0 else float("inf")
     singular = eigenvalues.clamp_min(0).sqrt()  # (short,)
@@ -115,18 +147,37 @@ def _gram_rayleigh_ritz(
     svd_error = torch.finfo(torch.float32).eps * float(singular[0]) / cut_gap if cut_gap > 0 else float("inf")
     if separation <= 0 or float(eigenvalues[rank - 1]) <= noise:
         return None, bound, svd_error
-    basis = torch.linalg.qr(eigenvectors[:, -block:].flip(-1).double()).Q  # (short, block)
-    exact = matrix.double()  # (out, in)
-    if tall:
-        projected = exact @ basis  # (out, block): W restricted to the basis of the input space
-        _, ritz = torch.linalg.eigh(projected.T @ projected)  # (block, block), ascending
-        top = (basis @ ritz[:, -rank:].flip(-1)).T  # (rank, in)
+    basis = torch.linalg.qr(top_vectors).Q  # (short, block)
+    return _rayleigh_ritz(exact, basis, rank), bound, svd_error
+
+
+def _rayleigh_ritz(exact: torch.Tensor, basis: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+    """Top-``rank`` right singular vectors of ``exact`` restricted to ``basis``, all in float64.
+
+    Args:
+        exact: ``(out, in)`` float64 weight.
+        basis: ``(short, block)`` orthonormal basis of the smaller side's space (input space if tall,
+            output space if wide), or None for the whole space.
+        rank: number of vectors.
+
+    Returns:
+        ``(rank, in)`` float64 orthonormal rows, or None if ``σ_rank² ≤ 1e-12 σ_1²`` (too small to
+        recover through the float64 Gram of the restricted matrix).
+    """
+    out_features, in_features = exact.shape
+    if in_features <= out_features:
+        projected = exact if basis is None else exact @ basis  # (out, block): W on the input basis
+        values, ritz = torch.linalg.eigh(projected.T @ projected)  # (block,), (block, block) ascending
+        top = ritz[:, -rank:].flip(-1)  # (block, rank)
+        top = (top if basis is None else basis @ top).T  # (rank, in)
     else:
-        projected = basis.T @ exact  # (block, in): U_blockᵀ W
-        _, ritz = torch.linalg.eigh(projected @ projected.T)  # left Ritz vectors, ascending
+        projected = exact if basis is None else basis.T @ exact  # (block, in): U_blockᵀ W
+        values, ritz = torch.linalg.eigh(projected @ projected.T)  # left Ritz vectors, ascending
         top = ritz[:, -rank:].flip(-1).T @ projected  # (rank, in) = diag(σ) Vh
         top = torch.linalg.qr(top.T).Q.T  # (rank, in): unit rows, same nested spans in order
-    return top, bound, svd_error
+    if not float(values[-rank]) > 1e-12 * float(values[-1]):
+        return None
+    return top
 
 
 LEAK_TOLERANCE = 1e-5
@@ -148,7 +199,8 @@ def top_right_singular_vectors(
     estimate of a float32 SVD at this cut (small singular values at the cut relative to the Gram's
     rounding error, e.g. steeply decaying spectra), the Gram is recomputed in
     float64; if it still fails (numerically rank-deficient ``W``), a thin float64 SVD is used. Each
-    fallback is logged. Small problems (basis as large as the smaller side) use the thin SVD directly.
+    fallback is logged. If ``rank + oversample`` covers the smaller side, Rayleigh-Ritz on the whole
+    space (the float64 Gram of ``W``) is the answer.
 
     Args:
         weight: ``(out_features, in_features)`` weight in PyTorch layout, any float dtype/device.
@@ -176,7 +228,12 @@ def top_right_singular_vectors(
         raise ValueError("weight has non-finite entries; cannot compute its singular vectors")
     block = min(out_features, in_features, rank + (max(32, rank // 4) if oversample is None else oversample))
     top = None
-    if block < min(out_features, in_features):
+    if block >= min(out_features, in_features):  # the basis is the whole smaller side: Rayleigh-Ritz is exact
+        top = _rayleigh_ritz(matrix.double(), None, rank)
+        if top is None:
+            logger.info("projector of %s at rank %d: singular values at the cut below 1e-6 σ_1; using a thin SVD",
+                        tuple(weight.shape), rank)
+    else:
         for gram_dtype in dict.fromkeys((compute_dtype, torch.float64)):
             top, bound, svd_error = _gram_rayleigh_ritz(matrix, rank, gram_dtype, block)
             tolerance = max(LEAK_TOLERANCE, svd_error)

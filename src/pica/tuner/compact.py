@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from ..projector import top_right_singular_vectors
+from .layer import base_weight_out_in
+
 __all__ = ["CLUSTER_GAP", "SKETCH_SIZE", "SKETCH_TOLERANCE", "align_to_sketch", "projector_sketch"]
 
 SKETCH_SIZE = 32
@@ -106,7 +109,7 @@ def sketches_for_save(layers: dict, adapter_name: str, key) -> dict[str, torch.T
 
 
 def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], name: str, layer, adapter_name: str,
-                     p_key: str, sketch_key: str) -> None:
+                     p_key: str, sketch_key: str, compute_dtype: torch.dtype = torch.float32) -> None:
     """Put the aligned recomputed ``P`` under ``p_key`` (popping the sketch), or record why not.
 
     Args:
@@ -117,6 +120,7 @@ def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], n
         adapter_name: adapter being loaded.
         p_key: state-dict key of this layer's ``P``.
         sketch_key: model key of this layer's sketch (the checkpoint key may lack the adapter name).
+        compute_dtype: projector precision, used if ``P`` was not computed at injection.
     """
     bare = sketch_key.removesuffix(f".{adapter_name}")  # peft does not re-insert names for non-model keys
     candidates = [bare, sketch_key, bare.removeprefix("base_model.model."), "base_model.model." + bare]
@@ -126,10 +130,11 @@ def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], n
     if sketch is None:
         problems.append(f"{name}: projector sketch missing (projector_storage='compact')")
         return
-    if projector.is_meta:
+    weight = base_weight_out_in(layer.get_base_layer())  # (out, in)
+    if weight.is_meta:
         return
-    weight = layer.get_base_layer().weight
-    weight = weight.T if weight.shape != (layer.out_features, layer.in_features) else weight  # Conv1D
+    if projector.is_meta:  # injected without computing P (low_cpu_mem_usage): compute it now
+        projector = top_right_singular_vectors(weight, layer.rank[adapter_name], compute_dtype).float()
     aligned, residual = align_to_sketch(projector, weight, sketch)
     if not residual <= SKETCH_TOLERANCE:
         problems.append(f"{name}: projector recomputed from this base misses the saved sketch (residual "

@@ -100,7 +100,8 @@ def check_for_load(
         p_key = _model_key(state_dict, name, "pica_P", adapter_name)
         if getattr(config, "projector_storage", None) == "compact" and p_key not in state_dict:
             compact.load_from_sketch(problems, result, name, layer, adapter_name, p_key,
-                                     _model_key(state_dict, name, "pica_sketch", adapter_name))
+                                     _model_key(state_dict, name, "pica_sketch", adapter_name),
+                                     torch.float64 if config.projector_dtype == "float64" else torch.float32)
         elif p_key not in state_dict and not config.store_projector:
             result[p_key] = layer.pica_P[adapter_name]
         else:
