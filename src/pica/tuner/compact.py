@@ -60,7 +60,7 @@ def _clusters(singular_values: torch.Tensor) -> list[slice]:
     scale = max(float(values[0]), 1e-300)
     runs, start = [], 0
     for index in range(1, len(values)):
-        if float(values[index - 1] - values[index]) > CLUSTER_GAP * scale:
+        if abs(float(values[index - 1] - values[index])) > CLUSTER_GAP * scale:
             runs.append(slice(start, index))
             start = index
     runs.append(slice(start, len(values)))

@@ -114,8 +114,8 @@ def check_for_load(
             if distance > FINGERPRINT_TOLERANCE:
                 mismatched.append(f"{name} (distance {distance:.3g})")
     if mismatched:
-        problems.append(
-            f"the adapter was trained on a different base model: base weights differ at {len(mismatched)} "
+        problems.insert(  # first: it explains the other problems
+            0, f"the adapter was trained on a different base model: base weights differ at {len(mismatched)} "
             f"module(s): {', '.join(mismatched[:6])}"
         )
     if problems:
