@@ -38,7 +38,8 @@ def machine_info() -> dict:
 
 def interleaved_medians(variants: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, dict]:
     """Time each variant ``repeats`` times, one repetition of every variant per round (rotating the
-    order each round), after ``warmup`` untimed rounds. Returns median/min/all seconds per variant."""
+    order each round), after ``warmup`` untimed rounds. Returns median/min/all seconds per variant and
+    the median over rounds of its time divided by the first variant's time in the same round."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
@@ -50,7 +51,9 @@ def interleaved_medians(variants: dict[str, Callable[[], None]], repeats: int, w
             start = time.perf_counter()
             variants[name]()
             samples[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples_s": [round(t, 5) for t in v]}
+    reference = names[0]
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples_s": [round(t, 5) for t in v],
+                   "median_paired_ratio": statistics.median(t / b for t, b in zip(v, samples[reference]))}
             for name, v in samples.items()}
 
 
@@ -93,3 +96,19 @@ def peak_tensor_bytes(step: Callable[[], None]) -> int:
     with PeakTensorMemory() as tracker:
         step()
     return tracker.peak
+
+
+def saved_for_backward_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``forward()`` (activation
+    memory a network holds per layer between forward and backward), parameters and inputs included."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    del out
+    return sum(seen.values())

@@ -1,7 +1,7 @@
 """Projector initialisation on a Gemma-2B-shaped model: the authors' route vs ours, and adapter
 loading (full / compact). Prints one JSON object.
 
-    python benchmarks/projector_init.py [--layers 18] [--rank 256]
+    python benchmarks/projector_init.py [--layers 18] [--rank 256] [--side-by-side-layers K] [--threads T]
 
 Model: the PiCa targets of Gemma-2B (hidden 2048, intermediate 16384, 8 heads, 1 KV head of dim 256):
 per layer q_proj 2048×2048, k_proj/v_proj 256×2048, up_proj 16384×2048, down_proj 2048×16384
@@ -44,6 +44,7 @@ from pica.tuner.layer import PiCaLayer  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEAD_DIM = 2048, 16384, 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+TARGETS_PER_SHAPE = {"2048x2048": 1, "256x2048": 2, "16384x2048": 1, "2048x16384": 1}
 
 
 class _Block(nn.Module):
@@ -129,14 +130,18 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-logit-check", action="store_true")
+    parser.add_argument("--side-by-side-layers", type=int, default=None,
+                        help="layers timed side by side with the authors' route (default: all); every layer has "
+                             "the same shapes, so per-shape medians × layers give the model totals")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank = args.rank
     model = GemmaTargets(args.layers)
+    side_by_side = args.layers if args.side_by_side_layers is None else min(args.side_by_side_layers, args.layers)
     matrices = [(f"model.layers.{i}.{'self_attn' if t.endswith(('q_proj', 'k_proj', 'v_proj')) else 'mlp'}.{t}", t)
-                for i in range(args.layers) for t in TARGETS]
+                for i in range(side_by_side) for t in TARGETS]
     modules = dict(model.named_modules())
 
     per_shape: dict[str, dict[str, list[float]]] = {}
@@ -197,6 +202,8 @@ def main() -> None:
         base = loaded.unload()
 
     ours = totals["ours_s"]
+    per_layer = {route: sum(statistics.median(t[route]) * TARGETS_PER_SHAPE[shape] for shape, t in per_shape.items())
+                 for route in ("authors", "ours")}
     result = {
         "benchmark": "projector_init",
         "model": f"Gemma-2B-shaped PiCa targets, {args.layers} layers, fp32, N(0, 0.02) init",
@@ -208,8 +215,12 @@ def main() -> None:
         },
         "per_shape_median_s": {s: {r: round(statistics.median(v), 3) for r, v in t.items()} | {"count": len(t["ours"])}
                                for s, t in per_shape.items()},
-        "totals_s": {k: round(v, 2) for k, v in totals.items()},
+        "side_by_side_layers": side_by_side,
+        "side_by_side_totals_s": {k: round(v, 2) for k, v in totals.items()},
         "speedup_authors_over_ours": round(totals["authors_fp32_svd_s"] / ours, 2),
+        "model_totals_s_from_per_shape_medians": {
+            route: round(value * args.layers, 1) for route, value in per_layer.items()},
+        "speedup_from_per_shape_medians": round(per_layer["authors"] / per_layer["ours"], 2),
         "accuracy_layer0_vs_float64_svd": accuracy,
         "worst": {
             "ours_max_angle_sine": max(a["ours_max_angle_sine"] for a in accuracy.values()),
@@ -225,7 +236,7 @@ def main() -> None:
             "file_over_update_bytes": {k: round(v / (4 * update_values), 3) for k, v in sizes.items()},
             "save_s": {k: round(v, 2) for k, v in save_s.items()},
         },
-        "user_visible_s": {"get_peft_model": round(wrap_s, 2)} | {f"load_{k}": round(v, 2) for k, v in loads.items()},
+        "user_visible_s_all_layers": {"get_peft_model": round(wrap_s, 2)} | {f"load_{k}": round(v, 2) for k, v in loads.items()},
         "compact_round_trip_logits": None if args.skip_logit_check else logit_check(rank, workdir),
         "machine": machine_info(),
     }
