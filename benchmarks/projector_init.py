@@ -13,10 +13,10 @@ Per matrix, interleaved: the authors' route (``torch.linalg.svd`` in fp32 of the
 ``full_matrices=False``, top rows of ``Vh``) and ours (``pica.top_right_singular_vectors``). Accuracy
 against a float64 SVD on the matrices of layer 0: largest principal angle (sine) and relative energy
 deficit ``1 − ‖W Pᵀ‖² / Σ_{i≤rank} σ_i²``. Then the user-visible times: ``get_peft_model`` (wrap),
-``PeftModel.from_pretrained`` of a full adapter with ``low_cpu_mem_usage=True`` (P comes from the file
-and is never computed; the default path computes P before the file's P replaces it, i.e. costs about
-``get_peft_model``) and of a compact adapter (P recomputed, aligned, checked), and the file sizes per
-storage mode.
+``PeftModel.from_pretrained`` of a full adapter (``low_cpu_mem_usage=True``; peft wraps the model before
+reading the file, and PiCa computes every P at wrapping, so this still costs about ``get_peft_model``:
+the file's P then replaces it) and of a compact adapter (P computed, aligned, checked), and the file
+sizes per storage mode.
 """
 
 from __future__ import annotations
