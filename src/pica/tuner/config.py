@@ -46,6 +46,13 @@ class PiCaConfig(PeftConfig):
             a random orthonormal ``P`` of the same rank, drawn from ``subspace_seed`` and the module name,
             stored in the adapter like the top one).
         subspace_seed: seed of the random subspace (ignored for ``"top"``).
+        projector_storage: what the adapter file holds of ``P``: ``"full"`` (every ``P``, exact),
+            ``"compact"`` (a small sketch per layer; ``P`` is recomputed at load, aligned to the sketch
+            and refused if it misses it), ``"none"`` (nothing; recomputed at load, unchecked). ``None``
+            follows ``store_projector`` (True → ``"full"``, False → ``"none"``).
+        forward_mode: ``"auto"`` (cheapest form per call), ``"factored"`` (``base(x) + (x Pᵀ) Mᵀ``),
+            ``"merged"`` (``x (W0 + M P)ᵀ``, rebuilt in backward), ``"merged_keep"`` (merged weight kept
+            from forward to backward: faster, one ``out×in`` tensor of activation memory per layer).
     """
 
     rank: int = field(default=256, metadata={"help": "Number of top right singular directions per layer."})
@@ -73,6 +80,14 @@ class PiCaConfig(PeftConfig):
         default="top", metadata={"help": "'top' singular subspace (PiCa) or 'random' orthonormal (ablation)."}
     )
     subspace_seed: int = field(default=0, metadata={"help": "Seed of the random subspace (with the module name)."})
+
+    # Speed and size (issue 8).
+    projector_storage: Optional[Literal["full", "compact", "none"]] = field(
+        default=None, metadata={"help": "full | compact | none; None follows store_projector."}
+    )
+    forward_mode: Literal["auto", "factored", "merged", "merged_keep"] = field(
+        default="auto", metadata={"help": "auto | factored | merged | merged_keep (memory for speed)."}
+    )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "PiCaConfig":
         known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
@@ -105,6 +120,17 @@ class PiCaConfig(PeftConfig):
             raise ValueError(f"PiCaConfig.subspace must be one of {_SUBSPACES}, got {self.subspace!r}")
         if isinstance(self.subspace_seed, bool) or not isinstance(self.subspace_seed, int) or self.subspace_seed < 0:
             raise ValueError(f"PiCaConfig.subspace_seed must be a non-negative int, got {self.subspace_seed!r}")
+        if self.projector_storage is None:
+            self.projector_storage = "full" if self.store_projector else "none"
+        if self.projector_storage not in ("full", "compact", "none"):
+            raise ValueError(f"PiCaConfig.projector_storage must be 'full', 'compact' or 'none', got {self.projector_storage!r}")
+        if self.store_projector != (self.projector_storage == "full"):
+            if self.store_projector is False or self.projector_storage == "full":
+                raise ValueError(f"PiCaConfig.store_projector={self.store_projector} contradicts "
+                                 f"projector_storage={self.projector_storage!r}")
+            self.store_projector = False  # "compact"/"none" given with the default store_projector=True
+        if self.forward_mode not in ("auto", "factored", "merged", "merged_keep"):
+            raise ValueError(f"PiCaConfig.forward_mode must be auto, factored, merged or merged_keep, got {self.forward_mode!r}")
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) else layers

@@ -19,12 +19,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..functional import delta_weight, pica_delta
+from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
 from ..projector import fingerprint_distance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINGERPRINT_TOLERANCE", "Linear", "PiCaLayer", "base_weight_out_in"]
+__all__ = ["FINGERPRINT_TOLERANCE", "FORWARD_MODES", "Linear", "PiCaLayer", "base_weight_out_in"]
 
 FINGERPRINT_TOLERANCE = 2e-2
 """Largest accepted fingerprint distance (relative to ‖W0‖_F); bf16 rounding gives ~3e-3."""
@@ -37,6 +37,10 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+FORWARD_MODES = ("auto", "factored", "merged", "merged_keep")
+"""How a layer computes ``W0 x + M P x`` (see :meth:`Linear.forward`)."""
 
 
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
@@ -66,6 +70,7 @@ class PiCaLayer(BaseTunerLayer):
         self._verified_fingerprint: dict[str, tuple[int, int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self.pica_forward_mode: str = kwargs.pop("forward_mode", "auto")
         weight = base_weight_out_in(self.get_base_layer())
         self.out_features, self.in_features = weight.shape
         self.kwargs = kwargs
@@ -222,15 +227,69 @@ class Linear(nn.Module, PiCaLayer):
         PiCaLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
 
+    def _plain_base(self) -> bool:
+        """Whether the base layer is exactly ``nn.Linear``/``Conv1D`` with a plain weight and no hooks,
+        so that computing ``x (W0 + M P)ᵀ + b`` ourselves is the same as calling it."""
+        base = self.get_base_layer()
+        hooks = (base._forward_hooks, base._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+                 nn.modules.module._global_forward_pre_hooks)
+        return (
+            type(base) in (nn.Linear, Conv1D)
+            and type(base.weight) in (nn.Parameter, torch.Tensor)
+            and not any(hooks)
+            and "forward" not in vars(base)  # accelerate-style instance-level forward wrappers
+        )
+
+    def _use_merged_form(self, x: torch.Tensor, name: str, *args: Any, **kwargs: Any) -> bool:
+        """Decide the form of this call from ``pica_forward_mode`` and the shapes (see ``cheaper_form``).
+
+        The merged form is used only when it computes exactly what ``base_layer(x) + (x Pᵀ) Mᵀ``
+        computes: a plain base layer (no quantised weight, no hooks), one active adapter, no autocast,
+        and ``x``, ``W0``, ``P``, ``M`` all in one dtype and device (so ``W0 + M P`` loses nothing to
+        rounding, e.g. not for a bf16 base with an fp32 ``M``).
+        """
+        mode = self.pica_forward_mode
+        if mode == "factored" or args or kwargs:
+            return False
+        weight, update, projector = self.get_base_layer().weight, self.get_update(name), self.pica_P[name]
+        if not (x.dtype == weight.dtype == update.dtype == projector.dtype
+                and x.device == weight.device == update.device == projector.device):
+            return False
+        if torch.is_autocast_enabled(x.device.type) or not self._plain_base():
+            return False
+        if mode != "auto":
+            return True
+        grad = torch.is_grad_enabled()
+        tokens = x.numel() // max(self.in_features, 1)
+        return cheaper_form(tokens, self.in_features, self.out_features, self.rank[name],
+                            input_grad=grad and x.requires_grad, update_grad=grad and update.requires_grad) == "merged"
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Args: x ``(..., in_features)``. Returns ``(..., out_features)`` in the base output dtype."""
+        """``base_layer(x) + (x Pᵀ) Mᵀ``, computed in the form chosen by ``pica_forward_mode``.
+
+        ``"factored"``: ``base_layer(x)`` plus the factored term (any base layer, any dtype).
+        ``"merged"``: ``x (W0 + M P)ᵀ + b`` in one product, saving only ``x Pᵀ`` for backward and
+        rebuilding ``W0 + M P`` there. ``"merged_keep"``: the same, keeping ``W0 + M P`` for backward
+        (one ``out×in`` tensor of activation memory per layer, faster). ``"auto"`` (default): the form
+        with fewer FLOPs for this call's shapes (small token counts favour factored). Merged forms
+        apply only when exact (see ``_use_merged_form``); otherwise the factored form runs.
+
+        Args: x ``(..., in_features)``. Returns ``(..., out_features)`` in the base output dtype.
+        """
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.pica_P]
+        if len(active) == 1 and self._use_merged_form(x, active[0], *args, **kwargs):
+            name = active[0]
+            self.check_fingerprint(name)
+            base = self.get_base_layer()
+            return merged_pica_linear(x, base.weight, base.bias, self.pica_P[name], self.get_update(name),
+                                      in_out=isinstance(base, Conv1D), keep_merged=self.pica_forward_mode == "merged_keep")
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.pica_P:
                 continue

@@ -87,8 +87,9 @@ class PiCaModel(BaseTuner):
         if isinstance(target, PiCaLayer):
             layer = target
             layer.update_layer(*args, inference_mode=peft_config.inference_mode)
+            layer.pica_forward_mode = peft_config.forward_mode
         else:
-            layer = Linear(target, adapter_name)
+            layer = Linear(target, adapter_name, forward_mode=peft_config.forward_mode)
             layer.update_layer(*args, inference_mode=peft_config.inference_mode)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)

@@ -21,6 +21,7 @@ import torch
 from peft.tuners.tuners_utils import _get_submodules
 from torch import nn
 
+from . import compact
 from .layer import FINGERPRINT_TOLERANCE, PiCaLayer
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,15 @@ def _key(module_name: str, attribute: str, adapter_name: str) -> str:
 def select_for_save(
     model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Drop the projectors from the saved tensors unless ``config.store_projector``."""
+    """Drop the projectors from the saved tensors unless ``config.store_projector``; add sketches in
+    ``projector_storage="compact"``."""
     if config.store_projector:
         return state_dict
     drop = {_key(name, "pica_P", adapter_name) for name, _ in _layers(model, adapter_name)}
-    return {key: value for key, value in state_dict.items() if key not in drop}
+    kept = {key: value for key, value in state_dict.items() if key not in drop}
+    if getattr(config, "projector_storage", None) == "compact":
+        kept.update(compact.sketches_for_save(dict(_layers(model, adapter_name)), adapter_name, _key))
+    return kept
 
 
 def _model_key(state_dict: dict[str, torch.Tensor], module_name: str, attribute: str, adapter_name: str) -> str:
@@ -93,7 +98,11 @@ def check_for_load(
             update = state_dict.get(_model_key(state_dict, name, "pica_M", adapter_name))
             _check_tensor(problems, name, f"M of group '{group}'", update, (layer.out_features, rank))
         p_key = _model_key(state_dict, name, "pica_P", adapter_name)
-        if p_key not in state_dict and not config.store_projector:
+        if getattr(config, "projector_storage", None) == "compact" and p_key not in state_dict:
+            compact.load_from_sketch(problems, result, name, layer, adapter_name, p_key,
+                                     _model_key(state_dict, name, "pica_sketch", adapter_name),
+                                     torch.float64 if config.projector_dtype == "float64" else torch.float32)
+        elif p_key not in state_dict and not config.store_projector:
             result[p_key] = layer.pica_P[adapter_name]
         else:
             _check_tensor(problems, name, "P", state_dict.get(p_key), (rank, layer.in_features))
@@ -105,8 +114,8 @@ def check_for_load(
             if distance > FINGERPRINT_TOLERANCE:
                 mismatched.append(f"{name} (distance {distance:.3g})")
     if mismatched:
-        problems.append(
-            f"the adapter was trained on a different base model: base weights differ at {len(mismatched)} "
+        problems.insert(  # first: it explains the other problems
+            0, f"the adapter was trained on a different base model: base weights differ at {len(mismatched)} "
             f"module(s): {', '.join(mismatched[:6])}"
         )
     if problems:

@@ -1,0 +1,135 @@
+"""Forward forms of the PiCa layer: every form gives the same outputs and gradients as the plain
+reference, merged forms only run where they are exact, gradient checkpointing works."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from pica import PiCaConfig
+from tests.conftest import example_inputs, make_gpt2, make_llama, pica_layers, randomize_updates
+
+FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}
+MODES = ["auto", "factored", "merged", "merged_keep"]
+
+
+def _model(kind, mode, seed=3):
+    model = get_peft_model(FACTORIES[kind](), PiCaConfig(rank=4, forward_mode=mode))
+    randomize_updates(model, seed=seed)
+    return model
+
+
+def _loss_and_grads(model, kind):
+    model.zero_grad()
+    loss = model(**example_inputs(kind)).logits.pow(2).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["merged", "merged_keep", "auto"])
+def test_every_form_matches_factored_outputs_and_m_gradients(kind, mode):
+    reference_loss, reference_grads = _loss_and_grads(_model(kind, "factored"), kind)
+    model = _model(kind, mode)
+    layers = pica_layers(model)
+    assert all(layer.pica_forward_mode == mode for layer in layers.values())
+    x = torch.randn(2, 7, next(iter(layers.values())).in_features)
+    if mode != "auto":
+        assert all(layer._use_merged_form(x, "default") for layer in layers.values())
+    loss, grads = _loss_and_grads(model, kind)
+    assert torch.allclose(loss, reference_loss, rtol=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, reference_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["merged", "merged_keep"])
+def test_identity_at_init_is_bitwise_in_merged_forms(kind, mode):
+    base = FACTORIES[kind]()
+    with torch.no_grad():
+        expected = base(**example_inputs(kind)).logits
+    model = get_peft_model(base, PiCaConfig(rank=4, forward_mode=mode))
+    with torch.no_grad():
+        assert torch.equal(model(**example_inputs(kind)).logits, expected)
+
+
+class _SubclassedLinear(nn.Linear):
+    """Stands for a quantised/patched layer type: PiCa must go through its forward."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _single_layer(base_layer, mode="merged"):
+    model = nn.Sequential()
+    model.add_module("proj", base_layer)
+    wrapped = get_peft_model(model, PiCaConfig(rank=3, target_modules=["proj"], forward_mode=mode))
+    randomize_updates(wrapped, seed=1)
+    return wrapped, wrapped.base_model.model.proj
+
+
+def test_merged_form_is_not_used_for_non_plain_or_hooked_base_layers():
+    torch.manual_seed(0)
+    x = torch.randn(4, 12)
+    wrapped, layer = _single_layer(_SubclassedLinear(12, 8))
+    assert not layer._use_merged_form(x, "default")
+    base = layer.get_base_layer()
+    expected = 2 * (x @ base.weight.T + base.bias)
+    delta = (x @ layer.pica_P["default"].T) @ layer.get_update("default").T
+    assert torch.allclose(wrapped(x), expected + delta, atol=1e-6)
+
+    wrapped, layer = _single_layer(nn.Linear(12, 8))
+    assert layer._use_merged_form(x, "default")
+    calls = []
+    handle = layer.get_base_layer().register_forward_hook(lambda module, args, out: calls.append(1))
+    assert not layer._use_merged_form(x, "default")
+    wrapped(x)
+    assert calls == [1]  # the hook ran: the base layer was called
+    handle.remove()
+    assert layer._use_merged_form(x, "default")
+
+
+def test_merged_form_is_not_used_on_a_bf16_base_or_under_autocast():
+    torch.manual_seed(0)
+    wrapped, layer = _single_layer(nn.Linear(12, 8).to(torch.bfloat16))
+    x = torch.randn(4, 12).to(torch.bfloat16)
+    assert not layer._use_merged_form(x, "default")  # M, P stay fp32: W0 + M P in bf16 would lose M P
+    wrapped, layer = _single_layer(nn.Linear(12, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._use_merged_form(torch.randn(4, 12), "default")
+
+
+def test_auto_picks_by_token_count():
+    torch.manual_seed(0)
+    _, layer = _single_layer(nn.Linear(64, 64), mode="auto")  # rank 3
+    few, many = torch.randn(1, 64, requires_grad=True), torch.randn(512, 64, requires_grad=True)
+    assert not layer._use_merged_form(few, "default")
+    assert layer._use_merged_form(many, "default")
+
+
+def test_conv1d_merged_form_matches_reference():
+    torch.manual_seed(0)
+    wrapped, layer = _single_layer(Conv1D(8, 12), mode="merged")
+    x = torch.randn(5, 12, requires_grad=True)
+    out = wrapped(x)
+    base = layer.get_base_layer()
+    reference = x @ base.weight + base.bias + (x @ layer.pica_P["default"].T) @ layer.get_update("default").T
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["merged", "merged_keep", "factored"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(mode, reentrant):
+    plain = _model("llama", mode)
+    plain.train()
+    _, expected = _loss_and_grads(plain, "llama")
+    checkpointed = _model("llama", mode)
+    checkpointed.train()
+    checkpointed.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed.base_model.model.enable_input_require_grads()
+    _, grads = _loss_and_grads(checkpointed, "llama")
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), name
