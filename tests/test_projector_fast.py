@@ -82,3 +82,35 @@ def test_repeated_singular_values_still_give_an_orthonormal_top_subspace():
     projector = top_right_singular_vectors(weight, 40)
     reference = torch.linalg.svd(weight.double(), full_matrices=False).Vh[:40]
     assert _max_angle(projector, reference) < 1e-5  # the subspace is unique even though the vectors are not
+
+
+def test_many_matches_single_calls_bitwise_whatever_the_thread_count():
+    from pica.projector import top_right_singular_vectors_many
+
+    generator = torch.Generator().manual_seed(11)
+    weights = [torch.randn(shape, generator=generator) for shape in [(96, 64), (64, 200), (300, 64), (64, 64)]]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        single = [top_right_singular_vectors(w, 16) for w in weights]
+        seen: list[int] = []
+        many = top_right_singular_vectors_many(weights, 16, workers=2, done=seen.append)
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)
+        one_thread = [top_right_singular_vectors(w, 16) for w in weights]
+        sequential = top_right_singular_vectors_many(weights, 16, workers=1)
+    finally:
+        torch.set_num_threads(previous)
+    assert sorted(seen) == [0, 1, 2, 3]
+    for results in (many, one_thread, sequential):
+        assert all(torch.equal(a, b) for a, b in zip(single, results))
+    assert [tuple(p.shape) for p in many] == [(16, 64), (16, 200), (16, 64), (16, 64)]
+
+
+def test_many_propagates_errors_and_rejects_bad_workers():
+    from pica.projector import top_right_singular_vectors_many
+
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        top_right_singular_vectors_many([torch.randn(8, 8)], 2, workers=0)
+    with pytest.raises(ValueError, match="rank must be an int"):
+        top_right_singular_vectors_many([torch.randn(8, 8), torch.randn(4, 8)], 6, workers=2)

@@ -31,97 +31,47 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import peft.peft_model
 import peft.utils.save_and_load
 import torch
 from peft import PeftModel
-from peft.config import PeftConfig
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..io import AdapterFileError, atomic_directory_update, check_safetensors_file, read_json_object
-from .registration import PICA_PEFT_TYPE
+from ..io import AdapterFileError, atomic_directory_update, check_safetensors_file
+from .adapter_files import is_pica_adapter, local_adapter_path, validate_adapter_directory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["install", "is_installed", "pica_load", "uninstall", "validate_adapter_directory"]
+__all__ = ["install", "is_installed", "pica_load", "projectors_from_file", "uninstall", "validate_adapter_directory"]
 
 _ORIGINAL = "__pica_original__"
 _LOADING: contextvars.ContextVar[str | None] = contextvars.ContextVar("pica_loading", default=None)
+_CHECKED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("pica_checked_load", default=False)
 
 
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def _local_path(model_id: str | os.PathLike, subfolder: str | None) -> Path | None:
-    """The local adapter directory meant by ``model_id``, or None for a Hub repository id."""
-    looks_local = isinstance(model_id, os.PathLike) or os.path.isabs(model_id) or str(model_id).startswith((".", "~"))
-    path = Path(os.path.expanduser(str(model_id)))
-    if not (looks_local or path.exists()):
-        return None
-    if not path.is_dir():
-        raise AdapterFileError(f"adapter directory {path} does not exist" if not path.exists() else
-                               f"{path} is a file; give the adapter directory that holds {CONFIG_NAME}")
-    return path / subfolder if subfolder else path
-
-
-def validate_adapter_directory(path: str | os.PathLike) -> bool:
-    """Check a local adapter directory before anything is loaded; True if it holds a PiCa adapter.
-
-    Non-PiCa adapters are only checked for a readable JSON config with a known ``peft_type`` (peft
-    would fail on those too, with a less precise message).
-
-    Raises:
-        AdapterFileError: missing directory/config/weights, config not JSON or not a valid
-            ``PiCaConfig`` (naming the field), truncated/empty/corrupt safetensors.
-    """
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    from .config import PiCaConfig
-
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterFileError(f"adapter directory {path} does not exist")
-    config_file = path / CONFIG_NAME
-    values = read_json_object(config_file)
-    peft_type = values.get("peft_type")
-    if peft_type is None:
-        raise AdapterFileError(f"{config_file}: field 'peft_type' is missing")
-    known = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
-    if not isinstance(peft_type, str) or peft_type not in known:
-        raise AdapterFileError(f"{config_file}: field 'peft_type' is {peft_type!r}, not a known PEFT method "
-                               f"(PiCa adapters have {PICA_PEFT_TYPE.value!r})")
-    if peft_type != PICA_PEFT_TYPE.value:
-        return False
-    try:
-        PiCaConfig.from_pretrained(str(path))
-    except (ValueError, TypeError) as error:
-        raise AdapterFileError(f"{config_file}: {error}") from error
-    check_safetensors_file(path / SAFETENSORS_WEIGHTS_NAME)
-    return True
-
-
-def _is_pica(model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: dict[str, Any]) -> bool:
-    """Validate a local adapter (see :func:`validate_adapter_directory`); ask peft for a Hub one."""
-    path = _local_path(model_id, subfolder)
-    if path is not None:
-        return validate_adapter_directory(path)
-    try:
-        return PeftConfig._get_peft_type(str(model_id), subfolder=subfolder, **hub_kwargs) == PICA_PEFT_TYPE.value
-    except Exception:  # noqa: BLE001  (peft raises its own error for this case just after)
-        return False
+def projectors_from_file() -> bool:
+    """True inside a peft load whose tensors pass :func:`serialization.check_for_load`: a config
+    that stores ``P`` then gets it from the file, so injection need not compute it."""
+    return _CHECKED_LOAD.get()
 
 
 @contextlib.contextmanager
-def pica_load(model_id: str | os.PathLike) -> Iterator[None]:
-    """Mark the current thread as loading a PiCa adapter (activates the pickle guard)."""
-    token = _LOADING.set(str(model_id))
+def pica_load(model_id: str | os.PathLike, checked: bool = False) -> Iterator[None]:
+    """Mark the current thread as loading a PiCa adapter (activates the pickle guard).
+
+    Args:
+        model_id: adapter location, for messages.
+        checked: the load goes through peft's ``set_peft_model_state_dict`` (and so through
+            :func:`serialization.check_for_load`); transformers' own loader does not.
+    """
+    tokens = _LOADING.set(str(model_id)), _CHECKED_LOAD.set(checked)
     try:
         yield
     finally:
-        _LOADING.reset(token)
+        _CHECKED_LOAD.reset(tokens[1])
+        _LOADING.reset(tokens[0])
 
 
 @contextlib.contextmanager
@@ -197,13 +147,13 @@ def _checked_load(values: dict[str, Any], model_id: Any) -> bool:
 
     config = values.get("config")
     if isinstance(config, PiCaConfig):  # config given in code: only the weights come from disk
-        path = _local_path(model_id, values.get("subfolder"))
+        path = local_adapter_path(model_id, values.get("subfolder"))
         if path is not None:
             check_safetensors_file(path / SAFETENSORS_WEIGHTS_NAME)
         return True
     if config is not None:
         return False
-    return _is_pica(model_id, values.get("subfolder"), _hub_kwargs(values))
+    return is_pica_adapter(model_id, values.get("subfolder"), _hub_kwargs(values))
 
 
 def _from_pretrained(original: Callable, cls: type, *args: Any, **kwargs: Any) -> PeftModel:
@@ -211,7 +161,7 @@ def _from_pretrained(original: Callable, cls: type, *args: Any, **kwargs: Any) -
     model, model_id, adapter_name = values["model"], values["model_id"], values["adapter_name"]
     if not _checked_load(values, model_id):
         return original(cls, *args, **kwargs)
-    with pica_load(model_id), _rollback_on_error(model, adapter_name), _naming(model_id):
+    with pica_load(model_id, checked=True), _rollback_on_error(model, adapter_name), _naming(model_id):
         return original(cls, *args, **kwargs)
 
 
@@ -223,7 +173,7 @@ def _load_adapter(original: Callable, self: PeftModel, *args: Any, **kwargs: Any
     if not _checked_load(values, model_id):
         return original(self, *args, **kwargs)
     remove = adapter_name not in self.peft_config
-    with pica_load(model_id), _rollback_on_error(self, adapter_name, remove=remove), _naming(model_id):
+    with pica_load(model_id, checked=True), _rollback_on_error(self, adapter_name, remove=remove), _naming(model_id):
         return original(self, *args, **kwargs)
 
 
@@ -232,7 +182,7 @@ def _transformers_load_adapter(original: Callable, self: torch.nn.Module, peft_m
     if peft_model_id is None or kwargs.get("adapter_state_dict") is not None:
         return original(self, peft_model_id, *args, **kwargs)
     subfolder = (kwargs.get("adapter_kwargs") or {}).get("subfolder")
-    if not _is_pica(peft_model_id, subfolder, {}):
+    if not is_pica_adapter(peft_model_id, subfolder, {}):
         return original(self, peft_model_id, *args, **kwargs)
     with pica_load(peft_model_id):
         return original(self, peft_model_id, *args, **kwargs)

@@ -19,8 +19,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
+from ..functional import delta_weight, merged_pica_linear, pica_delta
 from ..projector import fingerprint_distance
+from .forms import FORWARD_MODES, use_merged_form
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-FORWARD_MODES = ("auto", "factored", "merged", "merged_keep")
-"""How a layer computes ``W0 x + M P x`` (see :meth:`Linear.forward`)."""
 
 
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
@@ -68,6 +65,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_leader: dict[str, PiCaLayer] = {}  # plain dict: the leader is not a submodule
         self._base_fingerprint: dict[str, torch.Tensor] = {}  # computed from this base at injection
         self._verified_fingerprint: dict[str, tuple[int, int]] = {}
+        self._projector_pending: set[str] = set()  # P is a placeholder until the adapter file supplies it
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.pica_forward_mode: str = kwargs.pop("forward_mode", "auto")
@@ -83,6 +81,7 @@ class PiCaLayer(BaseTunerLayer):
         fingerprint: torch.Tensor,
         group: str,
         inference_mode: bool = False,
+        projector_pending: bool = False,
     ) -> None:
         """Attach adapter ``adapter_name``.
 
@@ -94,6 +93,8 @@ class PiCaLayer(BaseTunerLayer):
             fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
             group: the group key (for saving one ``M`` per group).
             inference_mode: freeze the adapter.
+            projector_pending: ``projector`` is a placeholder that a load must replace (see
+                :meth:`projector_loaded`); until then the adapter refuses to run.
         """
         rank = projector.shape[0]
         if isinstance(update, PiCaLayer):
@@ -111,6 +112,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_P[adapter_name] = projector
         self.pica_fingerprint[adapter_name] = fingerprint
         self._base_fingerprint[adapter_name] = fingerprint.detach().clone()
+        (self._projector_pending.add if projector_pending else self._projector_pending.discard)(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -143,6 +145,10 @@ class PiCaLayer(BaseTunerLayer):
             )
         return update
 
+    def projector_loaded(self, adapter_name: str) -> None:
+        """Mark ``P`` of ``adapter_name`` as supplied by the adapter file (validated by the loader)."""
+        self._projector_pending.discard(adapter_name)
+
     def fingerprint_distance(self, adapter_name: str, stored: torch.Tensor) -> float:
         """Distance between a stored fingerprint and the one computed from this layer's base weight."""
         return fingerprint_distance(stored, self._base_fingerprint[adapter_name])
@@ -159,6 +165,9 @@ class PiCaLayer(BaseTunerLayer):
         """
         if torch.compiler.is_compiling():
             return
+        if adapter_name in self._projector_pending:
+            raise RuntimeError(f"PiCa adapter '{adapter_name}': the projector P of this layer was never loaded "
+                               "(the adapter load did not complete)")
         stored = self.pica_fingerprint[adapter_name]
         state = (id(stored), -1 if stored.is_inference() else stored._version)  # inference tensors: no counter
         if self._verified_fingerprint.get(adapter_name) == state or stored.is_meta:
@@ -227,42 +236,10 @@ class Linear(nn.Module, PiCaLayer):
         PiCaLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
 
-    def _plain_base(self) -> bool:
-        """Whether the base layer is exactly ``nn.Linear``/``Conv1D`` with a plain weight and no hooks,
-        so that computing ``x (W0 + M P)ᵀ + b`` ourselves is the same as calling it."""
-        base = self.get_base_layer()
-        hooks = (base._forward_hooks, base._forward_pre_hooks, nn.modules.module._global_forward_hooks,
-                 nn.modules.module._global_forward_pre_hooks)
-        return (
-            type(base) in (nn.Linear, Conv1D)
-            and type(base.weight) in (nn.Parameter, torch.Tensor)
-            and not any(hooks)
-            and "forward" not in vars(base)  # accelerate-style instance-level forward wrappers
-        )
-
     def _use_merged_form(self, x: torch.Tensor, name: str, *args: Any, **kwargs: Any) -> bool:
-        """Decide the form of this call from ``pica_forward_mode`` and the shapes (see ``cheaper_form``).
-
-        The merged form is used only when it computes exactly what ``base_layer(x) + (x Pᵀ) Mᵀ``
-        computes: a plain base layer (no quantised weight, no hooks), one active adapter, no autocast,
-        and ``x``, ``W0``, ``P``, ``M`` all in one dtype and device (so ``W0 + M P`` loses nothing to
-        rounding, e.g. not for a bf16 base with an fp32 ``M``).
-        """
-        mode = self.pica_forward_mode
-        if mode == "factored" or args or kwargs:
-            return False
-        weight, update, projector = self.get_base_layer().weight, self.get_update(name), self.pica_P[name]
-        if not (x.dtype == weight.dtype == update.dtype == projector.dtype
-                and x.device == weight.device == update.device == projector.device):
-            return False
-        if torch.is_autocast_enabled(x.device.type) or not self._plain_base():
-            return False
-        if mode != "auto":
-            return True
-        grad = torch.is_grad_enabled()
-        tokens = x.numel() // max(self.in_features, 1)
-        return cheaper_form(tokens, self.in_features, self.out_features, self.rank[name],
-                            input_grad=grad and x.requires_grad, update_grad=grad and update.requires_grad) == "merged"
+        """Whether this call uses the merged form (see :func:`pica.tuner.forms.use_merged_form`)."""
+        return use_merged_form(self.pica_forward_mode, x, self.get_base_layer(), self.get_update(name),
+                               self.pica_P[name], extra_arguments=bool(args or kwargs))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``base_layer(x) + (x Pᵀ) Mᵀ``, computed in the form chosen by ``pica_forward_mode``.

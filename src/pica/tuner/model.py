@@ -8,7 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
 from torch import nn
 
-from . import serialization
+from . import integration, serialization
 from .config import PiCaConfig
 from .layer import Linear, PiCaLayer
 from .plan import AdapterPlan, plan_adapter
@@ -61,6 +61,7 @@ class PiCaModel(BaseTuner):
             target_description=config.target_modules,
             subspace=config.subspace,
             subspace_seed=config.subspace_seed,
+            compute_projectors=not (config.store_projector and integration.projectors_from_file()),
         )
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -84,13 +85,14 @@ class PiCaModel(BaseTuner):
         group = layer_plan.group
         update = plan.leaders.get(group, plan.updates[group])  # the leader layer, or M for the leader
         args = (adapter_name, update, layer_plan.projector, layer_plan.fingerprint, group)
+        pending = layer_plan.projector_pending
         if isinstance(target, PiCaLayer):
             layer = target
-            layer.update_layer(*args, inference_mode=peft_config.inference_mode)
+            layer.update_layer(*args, inference_mode=peft_config.inference_mode, projector_pending=pending)
             layer.pica_forward_mode = peft_config.forward_mode
         else:
             layer = Linear(target, adapter_name, forward_mode=peft_config.forward_mode)
-            layer.update_layer(*args, inference_mode=peft_config.inference_mode)
+            layer.update_layer(*args, inference_mode=peft_config.inference_mode, projector_pending=pending)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)

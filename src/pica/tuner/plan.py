@@ -7,6 +7,7 @@ model exactly as it was.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..projector import FINGERPRINT_SIZE, canonicalize_signs, top_right_singular_vectors, weight_fingerprint
+from ..projector import FINGERPRINT_SIZE, canonicalize_signs, top_right_singular_vectors_many, weight_fingerprint
 from .grouping import group_of, validate_groups
 from .layer import base_weight_out_in
 
@@ -34,11 +35,14 @@ class LayerPlan:
         group: group key (role, or the module name when unshared).
         projector: ``(rank, in_features)`` frozen ``P``.
         fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
+        projector_pending: ``projector`` is a NaN placeholder that the adapter file being loaded
+            must replace.
     """
 
     group: str
     projector: torch.Tensor
     fingerprint: torch.Tensor
+    projector_pending: bool = False
 
 
 @dataclass
@@ -88,6 +92,11 @@ def _find_targets(model: nn.Module, is_target: Callable[[str], object]) -> dict[
     return targets
 
 
+def _log_progress(count: int, total: int, name: str, weight: torch.Tensor) -> None:
+    """The ``PiCa projector i/n`` debug record (progress bars listen to it)."""
+    logger.debug("PiCa projector %d/%d: %s %s", count, total, name, tuple(weight.shape))
+
+
 def plan_adapter(
     model: nn.Module,
     rank: int,
@@ -97,6 +106,7 @@ def plan_adapter(
     target_description: object,
     subspace: str = "top",
     subspace_seed: int = 0,
+    compute_projectors: bool = True,
 ) -> AdapterPlan:
     """Find, validate and prepare every target of one adapter.
 
@@ -109,6 +119,8 @@ def plan_adapter(
         target_description: the config's ``target_modules``, for error messages.
         subspace: ``"top"`` singular vectors or a ``"random"`` orthonormal ``P`` (ablation).
         subspace_seed: seed of the random ``P`` (with the module name).
+        compute_projectors: False when an adapter file that stores every ``P`` is being loaded: the
+            layers get NaN placeholders (marked pending) instead of recomputing ``P``.
 
     Returns:
         The plan; nothing in ``model`` has changed.
@@ -134,21 +146,35 @@ def plan_adapter(
     groups = {name: group_of(name, share_across_layers) for name in targets}
     members = validate_groups(groups, {name: w.shape[0] for name, w in weights.items()})
 
+    real = [name for name, weight in weights.items() if not weight.is_meta]
+    bad = [name for name in real if not torch.isfinite(weights[name]).all()]
+    if bad:
+        raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
+    projectors: dict[str, torch.Tensor] = {}
+    if not compute_projectors:
+        projectors = {name: torch.full((rank, weights[name].shape[1]), float("nan"), device=weights[name].device)
+                      for name in real}
+    elif subspace == "random":
+        for index, name in enumerate(real):
+            projectors[name] = random_orthonormal_rows(name, rank, weights[name].shape[1], subspace_seed)
+            projectors[name] = projectors[name].to(weights[name].device)
+            _log_progress(index + 1, len(real), name, weights[name])
+    else:
+        finished = itertools.count(1)  # next() is atomic under the GIL: a thread-safe counter
+
+        def done(index: int) -> None:
+            _log_progress(next(finished), len(real), real[index], weights[real[index]])
+
+        computed = top_right_singular_vectors_many([weights[name] for name in real], rank, projector_dtype, done=done)
+        projectors = {name: projector.float() for name, projector in zip(real, computed)}  # (rank, in_features)
     layers: dict[str, LayerPlan] = {}
-    for index, (name, weight) in enumerate(weights.items()):
+    for name, weight in weights.items():
         if weight.is_meta:
             projector = torch.empty(rank, weight.shape[1], device="meta")  # (rank, in_features)
             fingerprint = torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta")
         else:
-            if not torch.isfinite(weight).all():
-                raise ValueError(f"PiCa target {name} has non-finite base weights")
-            if subspace == "random":
-                projector = random_orthonormal_rows(name, rank, weight.shape[1], subspace_seed).to(weight.device)
-            else:
-                projector = top_right_singular_vectors(weight, rank, projector_dtype).float()  # (rank, in_features)
-            fingerprint = weight_fingerprint(weight)
-        logger.debug("PiCa projector %d/%d: %s %s", index + 1, len(weights), name, tuple(weight.shape))
-        layers[name] = LayerPlan(groups[name], projector, fingerprint)
+            projector, fingerprint = projectors[name], weight_fingerprint(weight)
+        layers[name] = LayerPlan(groups[name], projector, fingerprint, not compute_projectors and not weight.is_meta)
     updates = {}
     for group, names in members.items():
         first = weights[names[0]]

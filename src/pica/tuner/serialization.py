@@ -121,6 +121,8 @@ def check_for_load(
     if problems:
         remove_adapter_layers(model, adapter_name)
         raise ValueError(f"Cannot load PiCa adapter '{adapter_name}': " + "; ".join(problems[:8]))
+    for _, layer in _layers(model, adapter_name):
+        layer.projector_loaded(adapter_name)  # every P is now in ``result``, checked
     return result
 
 

@@ -1,0 +1,100 @@
+"""Loading a full adapter takes ``P`` from the file (no recomputation); placeholders never run."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import pica.tuner.plan as plan
+from pica import PiCaConfig
+from pica.tuner import integration
+from tests.conftest import example_inputs, make_llama, model_output, pica_layers, randomize_updates
+
+
+@pytest.fixture
+def projector_calls(monkeypatch):
+    """Count the projector computations of ``plan_adapter`` (each call computes a list of P)."""
+    calls: list[int] = []
+    original = plan.top_right_singular_vectors_many
+
+    def counting(weights, *args, **kwargs):
+        calls.append(len(weights))
+        return original(weights, *args, **kwargs)
+
+    monkeypatch.setattr(plan, "top_right_singular_vectors_many", counting)
+    return calls
+
+
+def _saved(path, **config) -> torch.Tensor:
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4, **config))
+    randomize_updates(model, seed=2)
+    model.save_pretrained(path)
+    return model_output(model, example_inputs("llama"))
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_full_adapter_load_reads_p_without_computing_it(projector_calls, low_cpu_mem_usage, tmp_path):
+    expected = _saved(tmp_path)
+    projector_calls.clear()
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert projector_calls == []
+    assert torch.equal(model_output(loaded, example_inputs("llama")), expected)
+    layers = pica_layers(loaded)
+    assert layers and all(torch.isfinite(layer.pica_P["default"]).all() for layer in layers.values())
+    assert not any(layer._projector_pending for layer in layers.values())
+
+
+def test_full_adapter_through_load_adapter_and_transformers(projector_calls, tmp_path):
+    expected = _saved(tmp_path)
+    projector_calls.clear()
+    second = PeftModel.from_pretrained(make_llama(), tmp_path)
+    second.load_adapter(tmp_path, adapter_name="again")
+    second.set_adapter("again")
+    assert torch.equal(model_output(second, example_inputs("llama")), expected)
+    assert projector_calls == []
+    # transformers' own loader bypasses peft's state-dict hook (and the load checks): P is computed
+    base = make_llama()
+    base.load_adapter(str(tmp_path))
+    assert torch.equal(model_output(base, example_inputs("llama")), expected)
+    assert projector_calls == [len(pica_layers(base))]
+
+
+@pytest.mark.parametrize("storage", ["compact", "none"])
+def test_adapters_without_p_still_compute_it(projector_calls, storage, tmp_path):
+    expected = _saved(tmp_path, projector_storage=storage)
+    projector_calls.clear()
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    assert projector_calls == [len(pica_layers(loaded))]
+    assert torch.allclose(model_output(loaded, example_inputs("llama")), expected, atol=1e-5)
+
+
+def test_placeholder_projector_refuses_to_run_until_loaded():
+    with integration.pica_load("somewhere", checked=True):  # an injection inside a load that never supplies P
+        model = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    layers = pica_layers(model)
+    assert all(torch.isnan(layer.pica_P["default"]).all() for layer in layers.values())
+    with pytest.raises(RuntimeError, match="projector P of this layer was never loaded"):
+        model_output(model, example_inputs("llama"))
+    with pytest.raises(RuntimeError, match="never loaded"):
+        model.merge_adapter()
+
+
+def test_full_adapter_missing_p_is_refused_not_left_as_placeholder(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _saved(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    dropped = next(key for key in tensors if key.endswith(".pica_P"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / "adapter_model.safetensors")
+    base = make_llama()
+    with pytest.raises(ValueError, match="P missing"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not pica_layers(base)
+
+
+def test_get_peft_model_after_a_load_computes_again(projector_calls, tmp_path):
+    _saved(tmp_path)
+    PeftModel.from_pretrained(make_llama(), tmp_path)
+    projector_calls.clear()
+    fresh = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    assert projector_calls == [len(pica_layers(fresh))]
+    assert all(torch.isfinite(layer.pica_P["default"]).all() for layer in pica_layers(fresh).values())
