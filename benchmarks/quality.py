@@ -154,19 +154,21 @@ def plot_quality(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(6.5 * len(summary), 5), squeeze=False)
     for axis, (dataset, variants) in zip(axes[0], summary.items()):
-        for variant, entry in variants.items():
-            params = max(entry["adapter_params"], 1)
+        for index, (variant, entry) in enumerate(variants.items()):
             acc = entry["accuracy"]
+            if entry["adapter_params"] == 0:  # the probe: no body parameters, a reference level
+                axis.axhline(100 * acc["mean"], color="gray", linestyle=":", label=f"{variant} (head only)")
+                continue
             marker = "s" if entry["method"] == "pica" else ("*" if entry["method"] == "full" else "o")
-            axis.errorbar(params, 100 * acc["mean"], yerr=100 * acc["sd"], fmt=marker, capsize=3)
-            axis.annotate(variant.split(" ")[0], (params, 100 * acc["mean"]), textcoords="offset points",
-                          xytext=(4, 4), fontsize=7)
+            axis.errorbar(entry["adapter_params"], 100 * acc["mean"], yerr=100 * acc["sd"], fmt=marker, capsize=3,
+                          label=variant, color=plt.cm.tab20(index % 20))
         axis.set_xscale("log")
         axis.set(xlabel="trainable parameters excluding the head (log)", ylabel="accuracy (%)",
                  title=f"MiniLM-L6, {dataset}: mean ± sd over seeds")
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -216,14 +218,13 @@ def plot_energy(analysis: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(5.5, 4))
-    random_level = None
     for key, entry in analysis["models"].items():
         by_rank = entry["energy_fraction_by_rank"]
         ranks = [int(r) for r in by_rank]
-        axis.plot(ranks, [by_rank[str(r)]["energy_fraction"] for r in ranks], marker="o", label=entry["variant"])
-        random_level = (ranks, [by_rank[str(r)]["random_subspace_fraction"] for r in ranks])
-    if random_level:
-        axis.plot(*random_level, "k--", label="random subspace (r/in)")
+        line = axis.plot(ranks, [by_rank[str(r)]["energy_fraction"] for r in ranks], marker="o",
+                         label=entry["variant"])[0]
+        axis.plot(ranks, [by_rank[str(r)]["random_subspace_fraction"] for r in ranks], "--", color=line.get_color(),
+                  label=f"{entry['variant']}: random subspace (r/in)")
     axis.set_xscale("log")
     axis.set(xlabel="subspace rank r", ylabel="‖ΔW PᵀP‖² / ‖ΔW‖² (all layers)", ylim=(0, 1.02),
              title=f"ΔW energy in W0's top-r input subspace ({analysis['dataset']})")
@@ -282,7 +283,15 @@ def main() -> None:
                         help=f"subset of {list(VARIANTS)}")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--no-analysis", action="store_true", help="skip the spectral analysis")
+    parser.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw quality.png and "
+                        "analysis/energy_vs_rank.png next to an earlier run's results.json")
     args = parser.parse_args()
+    if args.replot:
+        earlier = json.loads(Path(args.replot).read_text(encoding="utf-8"))
+        plot_quality(earlier["summary"], Path(args.replot).parent / "quality.png")
+        if earlier.get("analysis"):
+            plot_energy(earlier["analysis"], Path(args.replot).parent / "analysis" / "energy_vs_rank.png")
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as transformers_logging
 
