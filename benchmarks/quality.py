@@ -9,7 +9,7 @@ and PiCa models of the first dataset and seed. Prints one JSON object; writes ``
 ``table.md``, ``quality.png`` (metric vs trainable parameters) and the analysis under ``--out``.
 
     nice -n 19 python benchmarks/quality.py --out outputs/quality            # full run (~1 h, 1 core)
-    nice -n 19 python benchmarks/quality.py --quick --out outputs/quality-q  # smoke run (~5 min)
+    nice -n 19 python benchmarks/quality.py --quick --out outputs/quality-q  # smoke run (~3 min)
 """
 
 from __future__ import annotations
