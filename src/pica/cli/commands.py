@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import _DEMO_FIELDS, _EVAL_FIELDS, _overrides
+from .analyze import run_analyze
 
-__all__ = ["run_demo", "run_eval", "run_export", "run_train"]
+__all__ = ["run_analyze", "run_demo", "run_eval", "run_export", "run_train"]
 
 
 def _all_fields() -> list[str]:
