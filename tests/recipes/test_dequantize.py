@@ -89,7 +89,8 @@ def write_tiny_llama_gguf(path, model, half: bool = False) -> None:
 def tiny(tmp_path, monkeypatch):
     monkeypatch.setenv(dequantize.CACHE_ENV, str(tmp_path / "cache"))
     model = make_llama(vocab_size=259, num_attention_heads=N_HEAD, num_key_value_heads=N_KV_HEAD,
-                       tie_word_embeddings=True, pad_token_id=None, bos_token_id=257, eos_token_id=258)
+                       tie_word_embeddings=True, pad_token_id=None, bos_token_id=257, eos_token_id=258,
+                       max_position_embeddings=512)
     model.tie_weights()
     path = tmp_path / "models" / "tiny.gguf"
     path.parent.mkdir()
@@ -197,3 +198,29 @@ def test_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="bad.gguf"):
         dequantize.dequantized_checkpoint(bad)
     assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_pica_train_and_eval_on_a_gguf_through_the_cli(tiny, tmp_path, capsys):
+    """`pica train --model DIR --gguf-file NAME` trains on the converted checkpoint; `pica eval` reloads it."""
+    from pica.cli import main
+
+    _, path = tiny
+    rows = [{"question": f"Tom has {n} apples and eats one. How many are left?", "answer": f"{n} - 1 = {n - 1}\n#### {n - 1}"}
+            for n in range(2, 10)]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    assert main(["--no-progress", "train", "--task", "math", "--model", str(path.parent), "--gguf-file", path.name,
+                 "--train-data", str(data), "--eval-data", str(data), "--eval-limit", "4", "--generate-limit", "2",
+                 "--method", "pica", "--rank", "4", "--max-steps", "2", "--batch-size", "4", "--max-length", "400",
+                 "--max-new-tokens", "3", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "pica" / "seed0" / "results.json").read_text())
+    metrics = result["metrics"]
+    assert metrics["generated_examples"] == 2 and metrics["eval_loss_examples"] == 4 and metrics["eval_loss"] > 0
+    adapter = json.loads((out / "pica" / "seed0" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(dequantize.dequantized_checkpoint(path))
+    capsys.readouterr()
+    assert main(["--no-progress", "eval", str(out / "pica" / "seed0"), "--eval-data", str(data), "--eval-limit", "4",
+                 "--generate-limit", "2", "--max-new-tokens", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metrics"]["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
