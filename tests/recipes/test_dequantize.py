@@ -121,14 +121,21 @@ def test_roundtrip_gives_the_original_weights_as_a_plain_model(tiny, tmp_path):
 
 
 def test_transformers_gguf_model_is_flagged_quantised_and_rebuild_removes_the_flag(tiny):
-    """The reason for the conversion: transformers' GGUF model carries a quantisation config."""
-    from transformers import AutoModelForCausalLM
+    """The reason for the conversion: transformers' GGUF model is flagged as quantised and Trainer refuses
+    to fine-tune it, even with a PiCa adapter attached."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     original, path = tiny
     flagged = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
     assert flagged.config.quantization_config is not None
+    args = TrainingArguments(output_dir=str(path.parent / "trainer"), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="GGUF"):
+        Trainer(model=get_peft_model(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name),
+                                     PiCaConfig(rank=4)), args=args)
     plain = dequantize.rebuild_plain_model(flagged)
     assert getattr(plain.config, "quantization_config", None) is None
+    Trainer(model=get_peft_model(plain, PiCaConfig(rank=4)), args=args)  # accepted
+    plain = dequantize.rebuild_plain_model(flagged)
     assert not any(t.is_meta for t in [*plain.parameters(), *plain.buffers()])
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():

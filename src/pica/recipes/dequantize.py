@@ -2,7 +2,9 @@
 
 transformers can read a ``.gguf`` file (``from_pretrained(folder, gguf_file=name)``): it de-quantises
 every tensor to float32, but the model it returns still carries a ``GgufConfig`` quantisation config
-and an ``hf_quantizer``, so ``Trainer`` and peft treat it as a quantised model. Here the de-quantised
+and an ``hf_quantizer``, and transformers ``Trainer`` refuses to fine-tune it, with or without a PiCa or
+LoRA adapter attached ("quantized with QuantizationMethod.GGUF but that quantization method do not
+support training"; transformers 5.x). Here the de-quantised
 state dict is loaded into a freshly built model of the same architecture with the quantisation config
 removed (a plain ``LlamaForCausalLM`` for a Llama GGUF), checked key by key, and saved as safetensors
 with the tokenizer read from the same GGUF. The result is cached under :func:`default_cache_dir`, keyed
