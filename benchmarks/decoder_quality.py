@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pica-rank", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=8, help="the fixed-rank LoRA baseline")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak LR for every variant (the paper's PiCa LR)")
+    parser.add_argument("--lora-lr", type=float, help="peak LR of the LoRA variants (default: --lr)")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="run only these variants (pica_r<k>, lora_r<k>; e.g. a LoRA LR check)")
+    parser.add_argument("--no-base", action="store_true", help="skip the evaluation of the untrained base")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -156,36 +160,50 @@ def main(argv=None) -> int:
         base_model = load_base_model(str(gguf), "generative", pad_token_id=prepared.tokenizer.pad_token_id)
         targets = target_modules_for(base_model, prepared.recipe)
         pica_per_rank, lora_per_rank = budgets(base_model, targets)
-        base_eval = evaluate_model(base_model, prepared, prepared.recipe, progress=False)
+        base_eval = None
+        if not args.no_base:
+            base_eval = evaluate_model(base_model, prepared, prepared.recipe, progress=False)
+            (staging / "base").mkdir()
+            (staging / "base" / "predictions.jsonl").write_text(
+                "".join(json.dumps(p) + "\n" for p in base_eval["predictions"]), encoding="utf-8")
+            logger.info("base: %s", base_eval["metrics"])
         base_seconds = time.perf_counter() - base_started
-        (staging / "base").mkdir()
-        (staging / "base" / "predictions.jsonl").write_text(
-            "".join(json.dumps(p) + "\n" for p in base_eval["predictions"]), encoding="utf-8")
         del base_model
         pica_params = pica_per_rank * args.pica_rank
         matched_rank = max(1, round(pica_params / lora_per_rank))
+        lora_lr = {"lr": args.lora_lr} if args.lora_lr is not None else {}
         variants = [(f"pica_r{args.pica_rank}", "pica", {"rank": args.pica_rank}),
-                    (f"lora_r{matched_rank} (PiCa budget)", "lora", {"rank": matched_rank})]
+                    (f"lora_r{matched_rank} (PiCa budget)", "lora", {"rank": matched_rank, **lora_lr})]
         if args.lora_rank != matched_rank:
-            variants.append((f"lora_r{args.lora_rank}", "lora", {"rank": args.lora_rank}))
-        logger.info("base: %s; variants %s", base_eval["metrics"], [v[0] for v in variants])
+            variants.append((f"lora_r{args.lora_rank}", "lora", {"rank": args.lora_rank, **lora_lr}))
+        if args.only:
+            unknown = sorted(set(args.only) - {v[0].split(" ")[0] for v in variants})
+            if unknown:
+                raise SystemExit(f"--only: unknown variant(s) {unknown}; known: {[v[0].split(' ')[0] for v in variants]}")
+            variants = [v for v in variants if v[0].split(" ")[0] in args.only]
+        if lora_lr:
+            variants = [(f"{label} lr={args.lora_lr:g}" if method == "lora" else label, method, overrides)
+                        for label, method, overrides in variants]
+        logger.info("variants %s", [v[0] for v in variants])
 
         runs = []
         for label, method, overrides in variants:
             recipe = RecipeConfig(**{**base_values, **overrides, "methods": [method]})
             run_prepared = dataclasses.replace(prepared, recipe=recipe)
             for seed in args.seeds:
-                folder = staging / label.split(" ")[0] / f"seed{seed}"
+                folder = staging / label.split(" ")[0].replace("=", "") / f"seed{seed}"
                 result = train_one(run_prepared, method, seed, folder, progress=False)
                 result["variant"] = label
                 runs.append(result)
                 logger.info("%s seed %d: %s, train %.0f s", label, seed, result["metrics"], result["train_seconds"])
 
-        rows = [{"variant": "base (untrained)", "method": "base", "trainable_params": 0,
-                 "eval_loss": _mean_sd([base_eval["metrics"]["eval_loss"]]),
-                 "exact_match": _mean_sd([base_eval["metrics"]["accuracy"]]),
-                 "train_seconds": _mean_sd([0.0]), "eval_seconds": _mean_sd([base_seconds]),
-                 "wall_seconds": _mean_sd([base_seconds])}]
+        rows = []
+        if base_eval is not None:
+            rows.append({"variant": "base (untrained)", "method": "base", "trainable_params": 0,
+                         "eval_loss": _mean_sd([base_eval["metrics"]["eval_loss"]]),
+                         "exact_match": _mean_sd([base_eval["metrics"]["accuracy"]]),
+                         "train_seconds": _mean_sd([0.0]), "eval_seconds": _mean_sd([base_seconds]),
+                         "wall_seconds": _mean_sd([base_seconds])})
         for label, method, _ in variants:
             group = [run for run in runs if run["variant"] == label]
             rows.append({"variant": label, "method": method,
@@ -206,7 +224,7 @@ def main(argv=None) -> int:
             "recipe": {k: v for k, v in base_values.items() if k not in ("output_dir",)},
             "target_modules": targets, "pica_params_per_rank": pica_per_rank, "lora_params_per_rank": lora_per_rank,
             "matched_lora_rank": matched_rank, "rows": rows, "table_markdown": table,
-            "base_metrics": base_eval["metrics"],
+            "base_metrics": base_eval["metrics"] if base_eval is not None else None,
             "runs": [{k: run[k] for k in ("variant", "method", "seed", "metrics", "trainable_params", "train_loss",
                                           "steps", "init_seconds", "train_seconds", "eval_seconds", "wall_seconds",
                                           "peak_memory_mb")} for run in runs],
