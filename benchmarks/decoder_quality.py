@@ -51,6 +51,8 @@ from pica.tuner.grouping import group_of  # noqa: E402
 logger = logging.getLogger("decoder_quality")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LR = 1e-3
+"""The paper's PiCa learning rate; the default peak LR of every variant."""
 
 
 def smollm2_gguf() -> Path:
@@ -94,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--pica-rank", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=8, help="the fixed-rank LoRA baseline")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak LR for every variant (the paper's PiCa LR)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak LR for every variant (the paper's PiCa LR)")
     parser.add_argument("--lora-lr", type=float, help="peak LR of the LoRA variants (default: --lr)")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         help="run only these variants (pica_r<k>, lora_r<k>; e.g. a LoRA LR check)")
@@ -183,6 +185,9 @@ def main(argv=None) -> int:
             variants = [v for v in variants if v[0].split(" ")[0] in args.only]
         if lora_lr:
             variants = [(f"{label} lr={args.lora_lr:g}" if method == "lora" else label, method, overrides)
+                        for label, method, overrides in variants]
+        if args.lr != DEFAULT_LR:
+            variants = [(f"{label} lr={args.lr:g}" if method == "pica" or not lora_lr else label, method, overrides)
                         for label, method, overrides in variants]
         logger.info("variants %s", [v[0] for v in variants])
 
