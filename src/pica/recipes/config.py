@@ -73,6 +73,11 @@ class RecipeConfig:
     gradient_checkpointing: bool = _opt(False, "trade compute for memory")
     group_by_length: bool = _opt(False, "batch examples of similar length together (less padding, faster)")
     logging_steps: int = _opt(10, "log the training loss every N steps")
+    # generative evaluation: answer-token loss and the generated subset
+    eval_loss: bool = _opt(True, "generative tasks: also report eval_loss, the loss on the reference responses "
+                                 "of the eval set (prompt tokens masked; --no-eval-loss to skip)")
+    generate_limit: Optional[int] = _opt(None, "generative tasks: generate and score only the first N eval "
+                                               "examples (eval_loss still uses all of them)")
     seeds: list = _opt([0], "run each seed; several → mean ± sd")
     metric: Optional[str] = _opt(None, "headline metric for tables and plots (default: the task's)")
     threads: Optional[int] = _opt(None, "torch CPU threads (default: torch's)")
@@ -94,6 +99,8 @@ class RecipeConfig:
                      "logging_steps"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.generate_limit is not None and self.generate_limit < 1:
+            raise RecipeError(f"generate_limit must be ≥ 1, got {self.generate_limit}")
         if self.lr <= 0 or self.epochs <= 0 or self.warmup < 0:
             raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
         for method, overrides in self.per_method.items():

@@ -22,6 +22,7 @@ import yaml
 from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
                           set_seed)
 
+from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError
 from .measure import PeakMemory, projector_progress, single_cpu_thread
 from .methods import apply_method, default_head_modules, parameter_split
@@ -81,12 +82,30 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
 
 
 def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress: bool = True) -> dict:
-    """Run the task's evaluation with the recipe's batch size / generation length."""
+    """Run the task's evaluation with the recipe's batch size / generation length.
+
+    Generative tasks: the task's metric on the first ``recipe.generate_limit`` eval examples (all if
+    unset), plus, if ``recipe.eval_loss``, the answer-token loss on every eval example
+    (:func:`pica.recipes.answer_loss.answer_token_loss`: metrics ``eval_loss``, ``eval_loss_tokens``,
+    ``eval_loss_examples``) and the timings ``generate_seconds`` / ``eval_loss_seconds``.
+    """
     extra: dict[str, Any] = {"batch_size": recipe.eval_batch_size, "max_new_tokens": recipe.max_new_tokens,
                              "progress": progress}
+    examples = prepared.eval_examples
     if prepared.task.TASK_KIND == "classification":
         extra["max_length"] = recipe.max_length
-    return prepared.task.evaluate(model, prepared.tokenizer, prepared.eval_examples, **extra, **prepared.options)
+        return prepared.task.evaluate(model, prepared.tokenizer, examples, **extra, **prepared.options)
+    started = time.perf_counter()
+    generated = examples if recipe.generate_limit is None else examples[:recipe.generate_limit]
+    evaluation = prepared.task.evaluate(model, prepared.tokenizer, generated, **extra, **prepared.options)
+    evaluation["metrics"] = {**evaluation["metrics"], "generated_examples": len(generated),
+                             "generate_seconds": round(time.perf_counter() - started, 2)}
+    if recipe.eval_loss:
+        started = time.perf_counter()
+        loss = answer_token_loss(model, prepared.tokenizer, prepared.task, examples, max_length=recipe.max_length,
+                                 batch_size=recipe.eval_batch_size, options=prepared.options)
+        evaluation["metrics"].update(loss, eval_loss_seconds=round(time.perf_counter() - started, 2))
+    return evaluation
 
 
 def _load_model(prepared: PreparedRun, recipe: RecipeConfig):

@@ -18,8 +18,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def model_source(model: str, gguf_file: Optional[str]) -> tuple[str, dict[str, Any]]:
-    """``(path or hub id, extra from_pretrained kwargs)``; a ``--model x.gguf`` file is split into its
-    directory and ``gguf_file``.
+    """``(path or hub id, extra from_pretrained kwargs)`` to load ``model`` from.
+
+    A GGUF (``--model x.gguf``, or ``--model DIR --gguf-file x.gguf``) is de-quantised once into a plain
+    safetensors checkpoint in the cache (:func:`pica.recipes.dequantize.dequantized_checkpoint`) and that
+    directory is returned: transformers' GGUF-loaded models stay flagged as quantised, which Trainer and
+    peft refuse to fine-tune.
 
     Raises:
         FileNotFoundError: a GGUF file, or a path-looking model, that does not exist.
@@ -30,7 +34,9 @@ def model_source(model: str, gguf_file: Optional[str]) -> tuple[str, dict[str, A
     if gguf_file is not None:
         if not (path / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file not found: {path / gguf_file}")
-        return str(path), {"gguf_file": gguf_file}
+        from .dequantize import dequantized_checkpoint
+
+        return str(dequantized_checkpoint(path / gguf_file)), {}
     looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
     if looks_local and not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {model}")
