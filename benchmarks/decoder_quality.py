@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-lr", type=float, help="peak LR of the LoRA variants (default: --lr)")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         help="run only these variants (pica_r<k>, lora_r<k>; e.g. a LoRA LR check)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also PiCa with a random subspace and PiCa unshared (same rank; pick them with --only)")
     parser.add_argument("--no-base", action="store_true", help="skip the evaluation of the untrained base")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
                     (f"lora_r{matched_rank} (PiCa budget)", "lora", {"rank": matched_rank, **lora_lr})]
         if args.lora_rank != matched_rank:
             variants.append((f"lora_r{args.lora_rank}", "lora", {"rank": args.lora_rank, **lora_lr}))
+        if args.ablations:  # the paper's claims 2 and 3: a random subspace, one M per layer
+            variants += [(f"pica_r{args.pica_rank}_random", "pica", {"rank": args.pica_rank, "subspace": "random"}),
+                         (f"pica_r{args.pica_rank}_unshared", "pica", {"rank": args.pica_rank, "share": False})]
         if args.only:
             unknown = sorted(set(args.only) - {v[0].split(" ")[0] for v in variants})
             if unknown:
