@@ -114,3 +114,32 @@ def test_many_propagates_errors_and_rejects_bad_workers():
         top_right_singular_vectors_many([torch.randn(8, 8)], 2, workers=0)
     with pytest.raises(ValueError, match="rank must be an int"):
         top_right_singular_vectors_many([torch.randn(8, 8), torch.randn(4, 8)], 6, workers=2)
+
+
+def test_default_workers_fit_in_half_the_available_memory(monkeypatch, caplog):
+    import types
+
+    import psutil
+
+    from pica.projector import _default_workers, projector_task_bytes, top_right_singular_vectors_many
+
+    shapes = [(300, 64), (64, 200), (96, 64)]
+    largest = projector_task_bytes((300, 64), 16)
+    assert largest == 8 * 300 * 64 + 32 * 64 * 64 + 16 * 300 * 48
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=10**12))
+        assert _default_workers(shapes, 16) == 4
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=5 * largest))
+        assert _default_workers(shapes, 16) == 2
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=largest))
+        assert _default_workers(shapes, 16) == 1
+        weights = [torch.randn(shape, generator=torch.Generator().manual_seed(5)) for shape in shapes]
+        with caplog.at_level(logging.INFO, logger="pica.projector"):
+            capped = top_right_singular_vectors_many(weights, 16)
+        assert "1 matrices at once instead of 4" in caplog.text
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, top_right_singular_vectors(w, 16)) for a, w in zip(capped, weights))
