@@ -38,6 +38,16 @@ def test_help_documents_every_recipe_option():
     assert "--method" in text and "--no-share" in text and "--recipe" in text
 
 
+def test_version_names_pica_and_its_engines(capsys):
+    import peft
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"pica {pica.__version__} (") and f"peft {peft.__version__}" in printed
+
+
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "pica.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout and "demo" in result.stdout

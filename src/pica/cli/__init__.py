@@ -67,12 +67,28 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, only: Optional[Sequence[s
         group.add_argument(*flags, **kwargs)
 
 
+def _versions() -> str:
+    """``0.1.0 (peft 0.21.2, transformers 5.23.0, torch 2.13.0+cpu)``: what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    found = []
+    for package in ("peft", "transformers", "torch"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} missing")
+    return f"{__version__} ({', '.join(found)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pica`` (every option documented in ``--help``)."""
     parser = argparse.ArgumentParser(prog="pica", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"pica {_versions()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune with one or more methods and seeds; compare",
