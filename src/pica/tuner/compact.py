@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from ..projector import top_right_singular_vectors_many
 from .layer import base_weight_out_in
 
 __all__ = ["CLUSTER_GAP", "SKETCH_SIZE", "SKETCH_TOLERANCE", "align_to_sketch", "projector_sketch"]
@@ -110,31 +109,8 @@ def sketches_for_save(layers: dict, adapter_name: str, key) -> dict[str, torch.T
             for name, layer in layers.items()}
 
 
-def missing_projectors(layers: dict, adapter_name: str,
-                       compute_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Compute, side by side, every ``P`` that injection left on the meta device (``low_cpu_mem_usage``).
-
-    Args:
-        layers: ``{module name: PiCa layer}`` of the adapter being loaded.
-        adapter_name: adapter being loaded.
-        compute_dtype: projector precision.
-
-    Returns:
-        ``{module name: (rank, in_features) float32 P}`` for those layers whose base weight is real.
-    """
-    pending = {name: layer for name, layer in layers.items()
-               if layer.pica_P[adapter_name].is_meta and not base_weight_out_in(layer.get_base_layer()).is_meta}
-    computed: dict[str, torch.Tensor] = {}
-    for rank in sorted({layer.rank[adapter_name] for layer in pending.values()}):
-        names = [name for name, layer in pending.items() if layer.rank[adapter_name] == rank]
-        weights = [base_weight_out_in(pending[name].get_base_layer()) for name in names]
-        projectors = top_right_singular_vectors_many(weights, rank, compute_dtype)
-        computed.update((name, projector.float()) for name, projector in zip(names, projectors))
-    return computed
-
-
 def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], name: str, layer, adapter_name: str,
-                     p_key: str, sketch_key: str, computed: torch.Tensor | None = None) -> None:
+                     p_key: str, sketch_key: str) -> None:
     """Put the aligned recomputed ``P`` under ``p_key`` (popping the sketch), or record why not.
 
     Args:
@@ -145,7 +121,6 @@ def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], n
         adapter_name: adapter being loaded.
         p_key: state-dict key of this layer's ``P``.
         sketch_key: model key of this layer's sketch (the checkpoint key may lack the adapter name).
-        computed: this layer's ``P`` from :func:`missing_projectors` if injection left it on the meta device.
     """
     bare = sketch_key.removesuffix(f".{adapter_name}")  # peft does not re-insert names for non-model keys
     candidates = [bare, sketch_key, bare.removeprefix("base_model.model."), "base_model.model." + bare]
@@ -158,11 +133,6 @@ def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], n
     weight = base_weight_out_in(layer.get_base_layer())  # (out, in)
     if weight.is_meta:
         return
-    if projector.is_meta:  # injected without computing P (low_cpu_mem_usage)
-        if computed is None:
-            problems.append(f"{name}: projector P was never computed for this base (compact adapter)")
-            return
-        projector = computed
     aligned, residual = align_to_sketch(projector, weight, sketch)
     if not residual <= SKETCH_TOLERANCE:
         problems.append(f"{name}: projector recomputed from this base misses the saved sketch (residual "

@@ -92,12 +92,7 @@ def check_for_load(
     result = dict(state_dict)
     problems: list[str] = []
     mismatched: list[str] = []
-    layers = dict(_layers(model, adapter_name))
-    computed = {}
-    if getattr(config, "projector_storage", None) == "compact":
-        computed = compact.missing_projectors(
-            layers, adapter_name, torch.float64 if config.projector_dtype == "float64" else torch.float32)
-    for name, layer in layers.items():
+    for name, layer in _layers(model, adapter_name):
         rank, group = layer.rank[adapter_name], layer.pica_group[adapter_name]
         if adapter_name in layer.pica_M:  # the group's leader holds M
             update = state_dict.get(_model_key(state_dict, name, "pica_M", adapter_name))
@@ -105,7 +100,7 @@ def check_for_load(
         p_key = _model_key(state_dict, name, "pica_P", adapter_name)
         if getattr(config, "projector_storage", None) == "compact" and p_key not in state_dict:
             compact.load_from_sketch(problems, result, name, layer, adapter_name, p_key,
-                                     _model_key(state_dict, name, "pica_sketch", adapter_name), computed.get(name))
+                                     _model_key(state_dict, name, "pica_sketch", adapter_name))
         elif p_key not in state_dict and not config.store_projector:
             result[p_key] = layer.pica_P[adapter_name]
         else:
