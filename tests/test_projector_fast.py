@@ -85,7 +85,7 @@ def test_repeated_singular_values_still_give_an_orthonormal_top_subspace():
 
 
 def test_many_matches_single_calls_bitwise_whatever_the_thread_count():
-    from pica.projector import top_right_singular_vectors_many
+    from pica.projector_batch import top_right_singular_vectors_many
 
     generator = torch.Generator().manual_seed(11)
     weights = [torch.randn(shape, generator=generator) for shape in [(96, 64), (64, 200), (300, 64), (64, 64)]]
@@ -108,7 +108,7 @@ def test_many_matches_single_calls_bitwise_whatever_the_thread_count():
 
 
 def test_many_propagates_errors_and_rejects_bad_workers():
-    from pica.projector import top_right_singular_vectors_many
+    from pica.projector_batch import top_right_singular_vectors_many
 
     with pytest.raises(ValueError, match="workers must be >= 1"):
         top_right_singular_vectors_many([torch.randn(8, 8)], 2, workers=0)
@@ -121,7 +121,7 @@ def test_default_workers_fit_in_half_the_available_memory(monkeypatch, caplog):
 
     import psutil
 
-    from pica.projector import _default_workers, projector_task_bytes, top_right_singular_vectors_many
+    from pica.projector_batch import _default_workers, projector_task_bytes, top_right_singular_vectors_many
 
     shapes = [(300, 64), (64, 200), (96, 64)]
     largest = projector_task_bytes((300, 64), 16)
@@ -136,7 +136,7 @@ def test_default_workers_fit_in_half_the_available_memory(monkeypatch, caplog):
         monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=largest))
         assert _default_workers(shapes, 16) == 1
         weights = [torch.randn(shape, generator=torch.Generator().manual_seed(5)) for shape in shapes]
-        with caplog.at_level(logging.INFO, logger="pica.projector"):
+        with caplog.at_level(logging.INFO, logger="pica.projector_batch"):
             capped = top_right_singular_vectors_many(weights, 16)
         assert "1 matrices at once instead of 4" in caplog.text
         assert torch.get_num_threads() == 4

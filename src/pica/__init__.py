@@ -6,7 +6,8 @@ and ``peft.PeftModel.from_pretrained(base, path)`` work unchanged.
 
 from .export import export_lora, export_merged
 from .functional import delta_weight, pica_delta
-from .projector import canonicalize_signs, top_right_singular_vectors, top_right_singular_vectors_many, weight_fingerprint
+from .projector import canonicalize_signs, top_right_singular_vectors, weight_fingerprint
+from .projector_batch import top_right_singular_vectors_many
 from .tuner import PICA_PEFT_TYPE, PiCaConfig, PiCaLayer, PiCaModel
 
 __version__ = "0.1.0"

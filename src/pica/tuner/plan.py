@@ -18,7 +18,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..projector import FINGERPRINT_SIZE, canonicalize_signs, top_right_singular_vectors_many, weight_fingerprint
+from ..projector import FINGERPRINT_SIZE, canonicalize_signs, weight_fingerprint
+from ..projector_batch import top_right_singular_vectors_many
 from .grouping import group_of, validate_groups
 from .layer import base_weight_out_in
 
@@ -156,8 +157,8 @@ def plan_adapter(
                       for name in real}
     elif subspace == "random":
         for index, name in enumerate(real):
-            projectors[name] = random_orthonormal_rows(name, rank, weights[name].shape[1], subspace_seed)
-            projectors[name] = projectors[name].to(weights[name].device)
+            random_rows = random_orthonormal_rows(name, rank, weights[name].shape[1], subspace_seed)  # (rank, in)
+            projectors[name] = random_rows.to(weights[name].device)
             _log_progress(index + 1, len(real), name, weights[name])
     else:
         finished = itertools.count(1)  # next() is atomic under the GIL: a thread-safe counter
