@@ -36,9 +36,9 @@ def _first(tensors: dict, part: str) -> str:
 TENSOR_CASES = {  # the cases of tests/tuner/test_serialization.py::test_bad_adapters_raise_and_leave_base_untouched
     "other_base_same_shapes": (None, lambda: make_llama(seed=7)),
     "other_base_other_shapes": (None, lambda: make_llama(hidden_size=48)),
-    "missing_m": (lambda p: _edit(p, lambda t: [t.pop(k) for k in [k for k in t if "q_proj.pica_M" in k]]), make_llama),
+    "missing_m": (lambda p: _edit(p, lambda t: [t.pop(k) for k in [k for k in t if k == "base_model.pica_M.model/layers/*/self_attn/q_proj"]]), make_llama),
     "wrong_shape_p": (lambda p: _edit(p, lambda t: t.__setitem__(_first(t, "pica_P"), torch.zeros(3, 32))), make_llama),
-    "nan_m": (lambda p: _edit(p, lambda t: t[_first(t, "pica_M")].fill_(float("nan"))), make_llama),
+    "nan_m": (lambda p: _edit(p, lambda t: t[_first(t, "base_model.pica_M.")].fill_(float("nan"))), make_llama),
     "missing_fingerprint": (lambda p: _edit(p, lambda t: t.pop(_first(t, "pica_fingerprint"))), make_llama),
 }
 

@@ -40,7 +40,6 @@ import peft  # noqa: E402
 from transformers import GemmaConfig, GemmaForCausalLM  # noqa: E402
 
 import pica  # noqa: E402
-from pica.tuner.layer import PiCaLayer  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEAD_DIM = 2048, 16384, 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -105,10 +104,8 @@ def logit_check(rank: int, workdir: Path) -> dict:
     model = peft.get_peft_model(base, pica.PiCaConfig(rank=rank, target_modules=TARGETS, projector_storage="compact"))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, PiCaLayer) and "default" in module.pica_M:
-                update = module.pica_M["default"]
-                update.copy_(torch.randn(update.shape, generator=generator) * 0.02)
+        for update in model.base_model.pica_M["default"].values():
+            update.copy_(torch.randn(update.shape, generator=generator) * 0.02)
     tokens = torch.randint(0, 4096, (2, 32), generator=generator)
     with torch.no_grad():
         expected = model(input_ids=tokens).logits
@@ -183,15 +180,13 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     update_values = 0
     with torch.no_grad():
-        for module in wrapped.modules():
-            if isinstance(module, PiCaLayer) and "default" in module.pica_M:
-                update = module.pica_M["default"]
-                update.copy_(torch.randn(update.shape, generator=generator) * 0.02)
-                update_values += update.numel()
+        for update in wrapped.base_model.pica_M["default"].values():
+            update.copy_(torch.randn(update.shape, generator=generator) * 0.02)
+            update_values += update.numel()
     sizes, save_s = {}, {}
     config = wrapped.peft_config["default"]
     for storage in ("full", "compact", "none"):
-        config.projector_storage, config.store_projector = storage, storage == "full"
+        config.projector_storage = storage
         _, save_s[storage] = _timed(lambda: wrapped.save_pretrained(workdir / storage))
         sizes[storage] = _dir_size(workdir / storage)
     base = wrapped.unload()

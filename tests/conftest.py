@@ -76,14 +76,10 @@ def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 def randomize_updates(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
     """Give every (shared) M random values, once per distinct tensor."""
     generator = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, PiCaLayer):
-            for update in module.pica_M.values():
-                if id(update) not in seen:
-                    seen.add(id(update))
-                    with torch.no_grad():
-                        update.copy_(torch.randn(update.shape, generator=generator) * scale)
+    for name, update in model.named_parameters():
+        if ".pica_M." in name:
+            with torch.no_grad():
+                update.copy_(torch.randn(update.shape, generator=generator) * scale)
 
 
 def pica_layers(model: nn.Module) -> dict[str, PiCaLayer]:

@@ -12,7 +12,6 @@ from tests.conftest import (
     model_output,
     pica_layers,
     randomize_updates,
-    update_ids_by_group,
 )
 
 
@@ -67,25 +66,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_transformers_load_adapter(tmp_path):
-    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
-    randomize_updates(model)
-    expected = model_output(model, example_inputs("llama"))
-    model.save_pretrained(tmp_path)
-    base = make_llama()
-    base.load_adapter(str(tmp_path))
-    assert torch.allclose(model_output(base, example_inputs("llama")), expected, atol=1e-6)
-    groups = update_ids_by_group(base)
-    assert len(groups) == 5 and all(len(ids) == 1 for ids in groups.values())
-
-
-def test_transformers_load_adapter_on_another_base_fails_at_first_use(tmp_path):
-    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
-    randomize_updates(model)
-    model.save_pretrained(tmp_path)
-    other = make_llama(seed=5)
-    other.load_adapter(str(tmp_path))  # transformers' own loader does not call peft's load hooks
+def test_transformers_load_adapter_is_refused_and_points_to_peft(tmp_path):
+    """transformers injects through peft's inject_adapter_in_model, which keeps no tuner (where M lives)."""
     import pytest
 
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    randomize_updates(model)
+    model.save_pretrained(tmp_path)
+    base = make_llama()
+    reference = model_output(base, example_inputs("llama"))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for call in (lambda: base.load_adapter(str(tmp_path)),
+                 lambda: base.load_adapter(peft_config=PiCaConfig(rank=4), adapter_state_dict={})):
+        with pytest.raises(ValueError, match=r"peft\.PeftModel\.from_pretrained"):
+            call()
+        assert not hasattr(base, "peft_config") and base.state_dict().keys() == state.keys()
+    assert torch.equal(model_output(base, example_inputs("llama")), reference)
+
+
+def test_raw_load_state_dict_of_another_bases_fingerprint_is_refused():
+    """Loads that bypass PeftModel.from_pretrained are checked when they happen, not at the next forward."""
+    import pytest
+
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    other = get_peft_model(make_llama(seed=5), PiCaConfig(rank=4))
+    adapter_only = {k: v for k, v in other.state_dict().items() if ".pica_" in k}
     with pytest.raises(ValueError, match="different base weight"):
-        model_output(other, example_inputs("llama"))
+        model.load_state_dict(adapter_only, strict=False)
+    model.load_state_dict({k: v for k, v in adapter_only.items() if "fingerprint" not in k}, strict=False)  # M, P: fine

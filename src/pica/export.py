@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .io import atomic_directory
 from .tuner.config import PiCaConfig
-from .tuner.layer import PiCaLayer, base_weight_out_in
+from .tuner.layer import PiCaLayer, base_weight_out_in, pica_layers
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ def _pica_config(model: PeftModel, adapter_name: str, what: str) -> PiCaConfig:
         have = sorted(getattr(model, "peft_config", {}))
         raise ValueError(f"{what}: no PiCa adapter named {adapter_name!r} in the model; adapters: {have}")
     return config
-
-
-def _adapter_layers(model: PeftModel, adapter_name: str) -> dict[str, PiCaLayer]:
-    return {
-        name: module
-        for name, module in model.get_base_model().named_modules()
-        if isinstance(module, PiCaLayer) and adapter_name in module.pica_P
-    }
 
 
 def serving_limits(rank: int, modules_to_save: list[str] | None) -> list[str]:
@@ -109,7 +101,7 @@ def export_lora(
     config = _pica_config(model, adapter_name, "export_lora")
     base = model.get_base_model()
     dtype = dtype or next(base.parameters()).dtype
-    layers = _adapter_layers(model, adapter_name)
+    layers = dict(pica_layers(model.get_base_model(), adapter_name))
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
@@ -154,11 +146,13 @@ def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[s
         if isinstance(module, PiCaLayer):
             renames[f"{name}.base_layer."] = f"{name}."
             dropped.append(f"{name}.pica_")
-            if adapter_name in module.pica_P:
-                module.check_fingerprint(adapter_name)
+            if adapter_name in module.pica_P or module.merged_adapters:
                 base_layer = module.get_base_layer()
-                weight = base_weight_out_in(base_layer).detach()  # (out, in)
-                new = weight.float() + module.get_delta_weight(adapter_name).detach().float()  # (out, in)
+                new = base_weight_out_in(base_layer).detach().float()  # (out, in), with any merged adapters in it
+                for merged_name in module.merged_adapters:  # back to W0: never count an adapter twice
+                    new = new - module.get_delta_weight(merged_name).detach().float()
+                if adapter_name in module.pica_P:
+                    new = new + module.get_delta_weight(adapter_name).detach().float()  # (out, in)
                 if not torch.isfinite(new).all():
                     raise ValueError(f"merging PiCa adapter '{adapter_name}' into {name} gives non-finite weights")
                 new = new.T if isinstance(base_layer, Conv1D) else new  # back to the storage layout

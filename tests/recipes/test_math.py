@@ -10,7 +10,6 @@ import pytest
 import torch
 from tests.recipes.generative_fixtures import ScriptedModel, bpe_tokenizer, tiny_llama
 
-from pica.recipes.tasks import generative
 from pica.recipes.tasks import math as math_task
 from pica.recipes.tasks.generative import IGNORE_INDEX
 

@@ -81,11 +81,11 @@ CASES = {
     "missing_projector_key": (lambda p: _edit_tensors(p, lambda t: t.pop(_first(t, "k_proj.pica_P"))),
                               r"model\.layers\.\d\.self_attn\.k_proj: P missing"),
     "wrong_shape_m": (
-        lambda p: _edit_tensors(p, lambda t: t.__setitem__(_first(t, "up_proj.pica_M"), torch.zeros(64, 5))),
-        r"mlp\.up_proj: M of group 'model\.layers\.\*\.mlp\.up_proj' has shape \(64, 5\), expected \(64, 4\)",
+        lambda p: _edit_tensors(p, lambda t: t.__setitem__(_first(t, "mlp/up_proj"), torch.zeros(64, 5))),
+        r"pica_M\.model/layers/\*/mlp/up_proj: M has shape \(64, 5\), expected \(out_features, 4\)",
     ),
     "infinite_projector": (lambda p: _edit_tensors(p, lambda t: t[_first(t, "v_proj.pica_P")].fill_(float("inf"))),
-                           rf"{WEIGHTS}: non-finite values in 1 tensor\(s\): .*v_proj\.pica_P"),
+                           rf"{WEIGHTS}: 1 bad tensor\(s\): .*v_proj\.pica_P: non-finite values"),
 }
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from pica import PiCaConfig, top_right_singular_vectors
@@ -98,11 +98,17 @@ def test_alignment_does_not_rotate_across_distinct_singular_values_and_reports_t
     assert residual == float("inf")  # wrong sketch shape
 
 
-def test_config_storage_modes_and_backward_compatibility():
-    assert PiCaConfig().projector_storage == "full" and PiCaConfig().store_projector
-    assert PiCaConfig(store_projector=False).projector_storage == "none"  # adapters saved before the field existed
-    compact = PiCaConfig(projector_storage="compact")
-    assert compact.store_projector is False
+def test_config_storage_modes_and_backward_compatibility(tmp_path):
+    assert PiCaConfig().projector_storage == "full"
+    assert "store_projector" not in PiCaConfig().to_dict()  # one field is written: projector_storage
+    for storage, old in (("full", True), ("compact", False), ("none", False)):  # pica 0.1.0 wrote both fields
+        config = PiCaConfig(rank=2, projector_storage=storage)
+        config.save_pretrained(tmp_path / storage)
+        path = tmp_path / storage / "adapter_config.json"
+        values = json.loads(path.read_text())
+        path.write_text(json.dumps({**values, "store_projector": old}))
+        for loader in (PiCaConfig, PeftConfig):
+            assert loader.from_pretrained(tmp_path / storage).projector_storage == storage
     with pytest.raises(ValueError, match="contradicts"):
         PiCaConfig(store_projector=False, projector_storage="full")
     with pytest.raises(ValueError, match="projector_storage"):

@@ -8,7 +8,7 @@ from pica import PICA_PEFT_TYPE, PiCaConfig
 
 def test_defaults_and_peft_type():
     config = PiCaConfig()
-    assert config.rank == 256 and config.share_across_layers and config.store_projector
+    assert config.rank == 256 and config.share_across_layers and config.projector_storage == "full"
     assert config.peft_type == PICA_PEFT_TYPE == peft.PeftType.PICA
 
 
@@ -25,6 +25,7 @@ def test_defaults_and_peft_type():
         ({"exclude_modules": 5}, "exclude_modules"),
         ({"share_across_layers": "yes"}, "share_across_layers"),
         ({"store_projector": 1}, "store_projector"),
+        ({"store_projector": False}, "contradicts projector_storage='full'"),
         ({"projector_dtype": "bfloat16"}, "projector_dtype"),
         ({"layers_to_transform": ["0"]}, "layers_to_transform"),
         ({"layers_pattern": "layers"}, "layers_pattern"),

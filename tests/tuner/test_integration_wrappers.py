@@ -20,7 +20,7 @@ from transformers.integrations.peft import PeftAdapterMixin
 
 from pica import PiCaConfig
 from pica.io import AdapterFileError
-from pica.tuner import integration
+from pica.tuner import integration, loading
 from tests.conftest import example_inputs, make_llama, model_output, randomize_updates
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,13 +171,18 @@ def test_pickle_bomb_next_to_a_pica_adapter_is_never_touched(loader, old_adapter
     assert pickle_spy == [] and not marker.exists()
 
 
-def test_pickle_guard_backstop_refuses_torch_load_during_a_pica_load(tmp_path, pickle_spy):
-    marker = tmp_path / "exploded"
-    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Bomb(marker)}))
-    with integration.pica_load(tmp_path):  # as if the safetensors file vanished after the checks
-        with pytest.raises(AdapterFileError, match="refusing to unpickle"):
-            peft.peft_model.load_peft_weights(str(tmp_path), device="cpu")
-    assert pickle_spy == [] and not marker.exists()
+def test_peft_reads_no_file_itself_during_a_pica_load(old_adapter, monkeypatch, pickle_spy):
+    """The tensors validated before injection are the ones peft loads: its own readers are never reached."""
+    path, _, logits = old_adapter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("peft read the adapter file itself")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "safe_load_file", refuse)
+    monkeypatch.setattr(peft.utils.save_and_load, "torch_load", refuse)
+    loaded = PeftModel.from_pretrained(make_llama(), path)
+    assert torch.equal(model_output(loaded, example_inputs("llama")), logits)
+    assert pickle_spy == []
 
 
 def test_no_pickle_module_is_used_by_a_pica_load(old_adapter, monkeypatch):
@@ -194,20 +199,18 @@ def test_no_pickle_module_is_used_by_a_pica_load(old_adapter, monkeypatch):
 
 def test_install_is_idempotent_and_uninstall_restores_originals():
     wrapped = (PeftModel.save_pretrained, PeftModel.load_adapter, PeftAdapterMixin.load_adapter,
-               peft.peft_model.load_peft_weights, peft.utils.save_and_load.torch_load,
-               PeftModel.__dict__["from_pretrained"].__func__)
+               peft.peft_model.load_peft_weights, PeftModel.__dict__["from_pretrained"].__func__)
     assert integration.is_installed()
     integration.install()
     again = (PeftModel.save_pretrained, PeftModel.load_adapter, PeftAdapterMixin.load_adapter,
-             peft.peft_model.load_peft_weights, peft.utils.save_and_load.torch_load,
-             PeftModel.__dict__["from_pretrained"].__func__)
+             peft.peft_model.load_peft_weights, PeftModel.__dict__["from_pretrained"].__func__)
     assert again == wrapped
     originals = [getattr(w, "__pica_original__") for w in wrapped]
     assert not any(hasattr(o, "__pica_original__") for o in originals)
     integration.uninstall()
     try:
         assert not integration.is_installed()
-        assert PeftModel.save_pretrained is originals[0] and peft.utils.save_and_load.torch_load is originals[4]
+        assert PeftModel.save_pretrained is originals[0] and peft.peft_model.load_peft_weights is originals[3]
     finally:
         integration.install()
     assert integration.is_installed()
@@ -220,7 +223,7 @@ def test_other_peft_methods_take_peft_own_paths(tmp_path, monkeypatch):
     lora = get_peft_model(make_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     expected = model_output(lora, example_inputs("llama"))
     monkeypatch.setattr(integration, "atomic_directory_update", forbidden)
-    monkeypatch.setattr(integration, "pica_load", forbidden)
+    monkeypatch.setattr(loading, "read_adapter", forbidden)
     lora.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
     assert torch.equal(model_output(loaded, example_inputs("llama")), expected)

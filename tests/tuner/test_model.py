@@ -218,16 +218,17 @@ def test_several_named_adapters_add_set_delete():
     out_default = model_output(model, inputs)
     model.add_adapter("second", PiCaConfig(rank=2, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert layer.pica_M["second"].shape == (32, 2) and not layer.pica_M["second"].requires_grad
+    assert layer.get_update("second").shape == (32, 2) and not layer.get_update("second").requires_grad
     assert torch.equal(model_output(model, inputs), out_default)  # "default" still active
     model.set_adapter("second")
-    assert layer.pica_M["second"].requires_grad and not layer.get_update("default").requires_grad
+    assert layer.get_update("second").requires_grad and not layer.get_update("default").requires_grad
     assert torch.equal(model_output(model, inputs), reference)  # second's M is zero
     with model.disable_adapter():
         assert torch.equal(model_output(model, inputs), reference)
     model.set_adapter("default")
     model.delete_adapter("second")
-    assert "second" not in layer.pica_M and "second" not in layer.pica_P
+    assert "second" not in model.base_model.pica_M and "second" not in layer.pica_P
+    assert not any(".second" in key for key in model.state_dict())
     assert torch.equal(model_output(model, inputs), out_default)
 
 

@@ -1,4 +1,4 @@
-"""Loading a full adapter takes ``P`` from the file (no recomputation); placeholders never run."""
+"""Loading a full adapter takes ``P`` from the file (no recomputation), validated before any layer is built."""
 
 import pytest
 import torch
@@ -6,7 +6,6 @@ from peft import PeftModel, get_peft_model
 
 import pica.tuner.plan as plan
 from pica import PiCaConfig
-from pica.tuner import integration
 from tests.conftest import example_inputs, make_llama, model_output, pica_layers, randomize_updates
 
 
@@ -40,7 +39,6 @@ def test_full_adapter_load_reads_p_without_computing_it(projector_calls, low_cpu
     assert torch.equal(model_output(loaded, example_inputs("llama")), expected)
     layers = pica_layers(loaded)
     assert layers and all(torch.isfinite(layer.pica_P["default"]).all() for layer in layers.values())
-    assert not any(layer._projector_pending for layer in layers.values())
 
 
 def test_full_adapter_through_load_adapter_and_transformers(projector_calls, tmp_path):
@@ -51,11 +49,11 @@ def test_full_adapter_through_load_adapter_and_transformers(projector_calls, tmp
     second.set_adapter("again")
     assert torch.equal(model_output(second, example_inputs("llama")), expected)
     assert projector_calls == []
-    # transformers' own loader bypasses peft's state-dict hook (and the load checks): P is computed
+    # transformers' own loader keeps no tuner (where M lives): refused, pointing to PeftModel.from_pretrained
     base = make_llama()
-    base.load_adapter(str(tmp_path))
-    assert torch.equal(model_output(base, example_inputs("llama")), expected)
-    assert projector_calls == [len(pica_layers(base))]
+    with pytest.raises(ValueError, match=r"PeftModel\.from_pretrained"):
+        base.load_adapter(str(tmp_path))
+    assert not pica_layers(base) and not hasattr(base, "peft_config")
 
 
 @pytest.mark.parametrize("storage", ["compact", "none"])
@@ -67,18 +65,22 @@ def test_adapters_without_p_still_compute_it(projector_calls, storage, tmp_path)
     assert torch.allclose(model_output(loaded, example_inputs("llama")), expected, atol=1e-5)
 
 
-def test_placeholder_projector_refuses_to_run_until_loaded():
-    with integration.pica_load("somewhere", checked=True):  # an injection inside a load that never supplies P
-        model = get_peft_model(make_llama(), PiCaConfig(rank=4))
-    layers = pica_layers(model)
-    assert all(torch.isnan(layer.pica_P["default"]).all() for layer in layers.values())
-    with pytest.raises(RuntimeError, match="projector P of this layer was never loaded"):
-        model_output(model, example_inputs("llama"))
-    with pytest.raises(RuntimeError, match="never loaded"):
-        model.merge_adapter()
+def test_non_orthonormal_p_is_refused_before_any_layer_is_built(projector_calls, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _saved(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(key for key in sorted(tensors) if key.endswith(".pica_P"))
+    tensors[key] = tensors[key] * 1.01  # rows of norm 1.01: finite, right shape, not a projector
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    base = make_llama()
+    projector_calls.clear()
+    with pytest.raises(ValueError, match="P rows are not orthonormal"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not pica_layers(base) and projector_calls == []
 
 
-def test_full_adapter_missing_p_is_refused_not_left_as_placeholder(tmp_path):
+def test_full_adapter_missing_p_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     _saved(tmp_path)

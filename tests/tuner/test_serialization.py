@@ -40,10 +40,10 @@ def _trained(kind: str, path: Path, **config) -> tuple[nn.Module, torch.Tensor]:
 def test_round_trip_reproduces_logits_and_stores_each_m_once(kind, share, tmp_path):
     model, expected = _trained(kind, tmp_path, share_across_layers=share)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    m_keys = [key for key in tensors if key.endswith(".pica_M")]
+    m_keys = [key for key in tensors if key.startswith("base_model.pica_M.")]
     n_layers = len(pica_layers(model))
     assert len(model.state_dict()) == len(set(model.state_dict()))  # and M once in state_dict()
-    assert sum(key.endswith(f".pica_M.default") for key in model.state_dict()) == len(m_keys)
+    assert sum(key.startswith("base_model.pica_M.default.") for key in model.state_dict()) == len(m_keys)
     assert len(m_keys) == (n_layers // 2 if share else n_layers)  # 2 decoder layers in the tiny models
     assert sum(key.endswith(".pica_P") for key in tensors) == n_layers
 
@@ -64,8 +64,8 @@ def test_round_trip_onto_bf16_base_keeps_sharing(tmp_path):
     assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
 
 
-def test_store_projector_false_recomputes_p(tmp_path):
-    model, expected = _trained("llama", tmp_path, store_projector=False)
+def test_storage_none_recomputes_p(tmp_path):
+    model, expected = _trained("llama", tmp_path, projector_storage="none")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert not any(key.endswith(".pica_P") for key in tensors)
     loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
@@ -84,6 +84,8 @@ def _corrupt(path: Path, edit) -> None:
 
 
 def _first(tensors: dict, suffix: str) -> str:
+    if suffix == "pica_M":  # one M per group, stored under the group's key
+        return next(key for key in sorted(tensors) if key.startswith("base_model.pica_M."))
     return next(key for key in sorted(tensors) if key.endswith(suffix))
 
 
@@ -106,7 +108,7 @@ def test_bad_adapters_raise_and_leave_base_untouched(case, match, tmp_path):
     elif case == "other_base_other_shapes":
         base = make_llama(hidden_size=48)
     elif case == "missing_m":
-        _corrupt(tmp_path, lambda t: [t.pop(k) for k in [k for k in t if "q_proj.pica_M" in k]])
+        _corrupt(tmp_path, lambda t: [t.pop(k) for k in [k for k in t if k == "base_model.pica_M.model/layers/*/self_attn/q_proj"]])
     elif case == "wrong_shape_p":
         _corrupt(tmp_path, lambda t: t.__setitem__(_first(t, "pica_P"), torch.zeros(3, 32)))
     elif case == "nan_m":

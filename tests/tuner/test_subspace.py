@@ -50,10 +50,10 @@ def test_random_subspace_differs_from_top_and_keeps_identity_at_init():
     assert model.get_nb_trainable_parameters() == top_model.get_nb_trainable_parameters()
 
 
-@pytest.mark.parametrize("store_projector", [True, False])
-def test_random_subspace_round_trip(store_projector, tmp_path):
+@pytest.mark.parametrize("storage", ["full", "none"])
+def test_random_subspace_round_trip(storage, tmp_path):
     inputs = example_inputs("llama")
-    config = PiCaConfig(rank=4, subspace="random", subspace_seed=7, store_projector=store_projector)
+    config = PiCaConfig(rank=4, subspace="random", subspace_seed=7, projector_storage=storage)
     model = peft.get_peft_model(make_llama(), config)
     randomize_updates(model)
     expected, projectors = model_output(model, inputs), _projectors(model)

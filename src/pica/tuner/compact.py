@@ -21,7 +21,7 @@ import torch
 
 from .layer import base_weight_out_in
 
-__all__ = ["CLUSTER_GAP", "SKETCH_SIZE", "SKETCH_TOLERANCE", "align_to_sketch", "projector_sketch"]
+__all__ = ["CLUSTER_GAP", "SKETCH_SIZE", "SKETCH_TOLERANCE", "align_to_sketch", "load_from_sketch", "projector_sketch"]
 
 SKETCH_SIZE = 32
 """Columns of the sketch per layer (stored: ``rank × SKETCH_SIZE`` float32 values per layer)."""
@@ -103,15 +103,9 @@ def align_to_sketch(
     return aligned.to(projector.dtype), residual
 
 
-def sketches_for_save(layers: dict, adapter_name: str, key) -> dict[str, torch.Tensor]:
-    """``{key(module, "pica_sketch", adapter): (rank, SKETCH_SIZE) sketch}`` for every PiCa layer."""
-    return {key(name, "pica_sketch", adapter_name): projector_sketch(layer.pica_P[adapter_name])
-            for name, layer in layers.items()}
-
-
 def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], name: str, layer, adapter_name: str,
-                     p_key: str, sketch_key: str) -> None:
-    """Put the aligned recomputed ``P`` under ``p_key`` (popping the sketch), or record why not.
+                     p_key: str, sketch: torch.Tensor | None) -> None:
+    """Put the recomputed ``P`` of one layer, aligned to its saved sketch, under ``p_key``, or record why not.
 
     Args:
         problems: list receiving a message naming the module if the sketch is missing or missed.
@@ -120,20 +114,15 @@ def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], n
         layer: the injected PiCa layer, whose ``pica_P[adapter_name]`` was just recomputed.
         adapter_name: adapter being loaded.
         p_key: state-dict key of this layer's ``P``.
-        sketch_key: model key of this layer's sketch (the checkpoint key may lack the adapter name).
+        sketch: the saved ``(rank, SKETCH_SIZE)`` sketch, or None if the file has none.
     """
-    bare = sketch_key.removesuffix(f".{adapter_name}")  # peft does not re-insert names for non-model keys
-    candidates = [bare, sketch_key, bare.removeprefix("base_model.model."), "base_model.model." + bare]
-    found = [key for key in candidates if key in state_dict]
-    sketch = state_dict.pop(found[0]) if found else None
-    projector = layer.pica_P[adapter_name]
     if sketch is None:
         problems.append(f"{name}: projector sketch missing (projector_storage='compact')")
         return
     weight = base_weight_out_in(layer.get_base_layer())  # (out, in)
     if weight.is_meta:
         return
-    aligned, residual = align_to_sketch(projector, weight, sketch)
+    aligned, residual = align_to_sketch(layer.pica_P[adapter_name], weight, sketch)
     if not residual <= SKETCH_TOLERANCE:
         problems.append(f"{name}: projector recomputed from this base misses the saved sketch (residual "
                         f"{residual:.3g} > {SKETCH_TOLERANCE:g}); save with projector_storage='full' to load here")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -39,8 +39,6 @@ class PiCaConfig(PeftConfig):
         layers_pattern: name of the layer-list attribute (e.g. ``"layers"``) used with
             ``layers_to_transform``.
         modules_to_save: extra modules trained in full and saved (e.g. a classifier head).
-        store_projector: store each ``P`` in the adapter file (exact reload anywhere). If False only
-            ``M`` and fingerprints are stored and ``P`` is recomputed at load.
         projector_dtype: precision of the projector computation, ``"float32"`` or ``"float64"``.
         subspace: ``"top"`` (the method: top-``rank`` right singular vectors) or ``"random"`` (ablation:
             a random orthonormal ``P`` of the same rank, drawn from ``subspace_seed`` and the module name,
@@ -48,8 +46,9 @@ class PiCaConfig(PeftConfig):
         subspace_seed: seed of the random subspace (ignored for ``"top"``).
         projector_storage: what the adapter file holds of ``P``: ``"full"`` (every ``P``, exact),
             ``"compact"`` (a small sketch per layer; ``P`` is recomputed at load, aligned to the sketch
-            and refused if it misses it), ``"none"`` (nothing; recomputed at load, unchecked). ``None``
-            follows ``store_projector`` (True → ``"full"``, False → ``"none"``).
+            and refused if it misses it), ``"none"`` (nothing; recomputed at load, unchecked).
+        store_projector: init-only, not stored: the older name (True = ``"full"``), still read from files
+            written by pica 0.1.0; must agree with ``projector_storage``.
         forward_mode: ``"auto"`` (cheapest form per call), ``"factored"`` (``base(x) + (x Pᵀ) Mᵀ``),
             ``"merged"`` (``x (W0 + M P)ᵀ``, rebuilt in backward), ``"merged_keep"`` (merged weight kept
             from forward to backward: faster, one ``out×in`` tensor of activation memory per layer).
@@ -72,7 +71,6 @@ class PiCaConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. classifier)."}
     )
-    store_projector: bool = field(default=True, metadata={"help": "Store P in the adapter file."})
     projector_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "Precision of the projector computation."}
     )
@@ -81,23 +79,27 @@ class PiCaConfig(PeftConfig):
     )
     subspace_seed: int = field(default=0, metadata={"help": "Seed of the random subspace (with the module name)."})
 
-    # Speed and size (issue 8).
-    projector_storage: Optional[Literal["full", "compact", "none"]] = field(
-        default=None, metadata={"help": "full | compact | none; None follows store_projector."}
+    store_projector: InitVar[Optional[bool]] = None
+    projector_storage: Literal["full", "compact", "none"] = field(
+        default="full", metadata={"help": "full (every P, exact) | compact (a sketch of each P) | none."}
     )
     forward_mode: Literal["auto", "factored", "merged", "merged_keep"] = field(
         default="auto", metadata={"help": "auto | factored | merged | merged_keep (memory for speed)."}
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "PiCaConfig":
-        known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        known = {f.name for f in dataclasses.fields(cls)} | {"store_projector"} if dataclasses.is_dataclass(cls) else set()
         unknown = sorted(set(kwargs) - known)
         if known and unknown:
             raise ValueError(f"PiCaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return super().__new__(cls)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, store_projector: Optional[bool]) -> None:
         super().__post_init__()
+        if store_projector is not None:  # pica 0.1.0 files hold both fields; store_projector was the older one
+            if not isinstance(store_projector, bool) or (self.projector_storage == "full") != store_projector:
+                raise ValueError(f"PiCaConfig.store_projector={store_projector!r} (older name of projector_storage) "
+                                 f"contradicts projector_storage={self.projector_storage!r}")
         self.peft_type = PICA_PEFT_TYPE
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"PiCaConfig.rank must be a positive int, got {self.rank!r}")
@@ -111,7 +113,7 @@ class PiCaConfig(PeftConfig):
                     raise ValueError(f"PiCaConfig.{name} must be None, a regex str or a list of names, got {value!r}")
         if self.target_modules is not None and len(self.target_modules) == 0:
             raise ValueError("PiCaConfig.target_modules is empty; give module names or leave it None for defaults")
-        for name in ("share_across_layers", "store_projector", "inference_mode"):
+        for name in ("share_across_layers", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PiCaConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.projector_dtype not in _PROJECTOR_DTYPES:
@@ -120,15 +122,8 @@ class PiCaConfig(PeftConfig):
             raise ValueError(f"PiCaConfig.subspace must be one of {_SUBSPACES}, got {self.subspace!r}")
         if isinstance(self.subspace_seed, bool) or not isinstance(self.subspace_seed, int) or self.subspace_seed < 0:
             raise ValueError(f"PiCaConfig.subspace_seed must be a non-negative int, got {self.subspace_seed!r}")
-        if self.projector_storage is None:
-            self.projector_storage = "full" if self.store_projector else "none"
         if self.projector_storage not in ("full", "compact", "none"):
             raise ValueError(f"PiCaConfig.projector_storage must be 'full', 'compact' or 'none', got {self.projector_storage!r}")
-        if self.store_projector != (self.projector_storage == "full"):
-            if self.store_projector is False or self.projector_storage == "full":
-                raise ValueError(f"PiCaConfig.store_projector={self.store_projector} contradicts "
-                                 f"projector_storage={self.projector_storage!r}")
-            self.store_projector = False  # "compact"/"none" given with the default store_projector=True
         if self.forward_mode not in ("auto", "factored", "merged", "merged_keep"):
             raise ValueError(f"PiCaConfig.forward_mode must be auto, factored, merged or merged_keep, got {self.forward_mode!r}")
         layers = self.layers_to_transform

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-__all__ = ["group_of", "validate_groups"]
+__all__ = ["group_of", "update_key", "validate_groups"]
 
 
 def group_of(module_name: str, share_across_layers: bool) -> str:
@@ -26,6 +26,20 @@ def group_of(module_name: str, share_across_layers: bool) -> str:
     if not share_across_layers:
         return module_name
     return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
+
+
+def update_key(group: str) -> str:
+    """The key of a group's ``M`` on the tuner and in the adapter file: the group with ``/`` for ``.``.
+
+    ``model.layers.*.self_attn.q_proj`` → ``model/layers/*/self_attn/q_proj``: parameter names cannot
+    contain dots, and without dots peft's adapter-name handling leaves the key intact.
+
+    Raises:
+        ValueError: the group path already contains ``/`` (the key would be ambiguous).
+    """
+    if "/" in group:
+        raise ValueError(f"PiCa cannot adapt module {group!r}: its path contains '/'")
+    return group.replace(".", "/")
 
 
 def validate_groups(

@@ -1,16 +1,24 @@
-"""``PiCaModel``: the peft ``BaseTuner`` that injects PiCa layers."""
+"""``PiCaModel``: the peft ``BaseTuner`` that injects PiCa layers and owns every shared ``M``.
+
+Each adapter's trainable ``M`` per group is registered once, here, in ``self.pica_M[adapter][key]``
+(an ``nn.ModuleDict`` of ``nn.ParameterDict``; ``key`` is the group with ``/`` for ``.``, see
+:func:`pica.tuner.grouping.update_key`). Layers look it up at each use. In a ``PeftModel`` the
+parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it as
+``base_model.pica_M.<key>`` (peft removes the adapter name), see :mod:`pica.tuner.adapter_state`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
 from torch import nn
 
-from . import integration, serialization
+from . import adapter_state, loading
 from .config import PiCaConfig
-from .layer import Linear, PiCaLayer
+from .layer import Linear, PiCaLayer, pica_layers
 from .plan import AdapterPlan, plan_adapter
 from .registration import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
@@ -30,6 +38,7 @@ class PiCaModel(BaseTuner):
     prefix: str = PICA_PREFIX
     tuner_layer_cls = PiCaLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
+    uses_shared_state = True  # M lives here: peft's inject_adapter_in_model (no tuner kept) refuses PiCa
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         self._pica_plans: dict[str, AdapterPlan] = {}
@@ -48,11 +57,11 @@ class PiCaModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """Plan (validate, compute projectors), then let peft replace the modules."""
+        """Plan (validate, compute or take the projectors, create ``M``), then let peft replace the modules."""
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
         config = _maybe_include_all_linear_layers(config, model)
-        self._pica_plans[adapter_name] = plan_adapter(
+        plan = plan_adapter(
             model,
             rank=config.rank,
             share_across_layers=config.share_across_layers,
@@ -61,10 +70,17 @@ class PiCaModel(BaseTuner):
             target_description=config.target_modules,
             subspace=config.subspace,
             subspace_seed=config.subspace_seed,
-            compute_projectors=not (config.store_projector and integration.projectors_from_file()),
+            projectors=loading.projectors_being_loaded(adapter_name, config),
         )
+        if "pica_M" not in self._modules:
+            self.pica_M = nn.ModuleDict()
+        self.pica_M[adapter_name] = nn.ParameterDict(plan.updates)
+        self._pica_plans[adapter_name] = plan
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            del self.pica_M[adapter_name]
+            raise
         finally:
             del self._pica_plans[adapter_name]
 
@@ -78,35 +94,81 @@ class PiCaModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        plan = self._pica_plans[adapter_name]
-        if current_key not in plan.layers:
+        layer_plan = self._pica_plans[adapter_name].layers.get(current_key)
+        if layer_plan is None:
             raise ValueError(f"PiCa: module {current_key} was not planned for adapter '{adapter_name}'")
-        layer_plan = plan.layers[current_key]
-        group = layer_plan.group
-        update = plan.leaders.get(group, plan.updates[group])  # the leader layer, or M for the leader
-        args = (adapter_name, update, layer_plan.projector, layer_plan.fingerprint, group)
-        pending = layer_plan.projector_pending
         if isinstance(target, PiCaLayer):
             layer = target
-            layer.update_layer(*args, inference_mode=peft_config.inference_mode, projector_pending=pending)
-            layer.pica_forward_mode = peft_config.forward_mode
         else:
-            layer = Linear(target, adapter_name, forward_mode=peft_config.forward_mode)
-            layer.update_layer(*args, inference_mode=peft_config.inference_mode, projector_pending=pending)
+            layer = Linear(target, adapter_name, self.pica_M, forward_mode=peft_config.forward_mode)
+        layer.update_layer(adapter_name, layer_plan.group_key, layer_plan.projector, layer_plan.fingerprint,
+                           inference_mode=peft_config.inference_mode)
+        layer.pica_forward_mode = peft_config.forward_mode
+        if layer is not target:
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
-        plan.leaders.setdefault(group, layer)
+
+    # ------------------------------------------------------------------ M: trainability and lifetime
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapter(s); their ``M`` become trainable unless ``inference_mode``."""
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        active = {adapter_name} if isinstance(adapter_name, str) else set(adapter_name)
+        for name, updates in self._updates().items():
+            updates.requires_grad_(name in active and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Enable or disable gradients of the given adapter(s), ``M`` included."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, updates in self._updates().items():
+            if name in names:
+                updates.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter, its layers' state and its ``M``."""
+        super().delete_adapter(adapter_name)
+        if adapter_name in self._updates():
+            del self._updates()[adapter_name]
+
+    def _updates(self) -> nn.ModuleDict:
+        return self._modules.get("pica_M") or nn.ModuleDict()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Keep ``M`` and ``P`` in float32 whatever the model dtype (peft's cast would untie ``M``)."""
+        """Keep ``M`` and ``P`` in float32 whatever the model dtype."""
+
+    # ------------------------------------------------------------------ merging
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is changed."""
+        if safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge and safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, adapter_names=adapter_names)
+
+    def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise, naming the modules, if merging would give non-finite weights anywhere (nothing is merged)."""
+        bad = []
+        for name, layer in pica_layers(self.model):
+            names = [a for a in (adapter_names or layer.active_adapters) if a in layer.pica_P and a not in layer.merged_adapters]
+            weight = layer.get_base_layer().weight
+            if names and not torch.isfinite(weight + sum(layer._delta_in_storage_layout(a, weight.dtype) for a in names)).all():
+                bad.append(name)
+        if bad:
+            raise ValueError(f"NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; nothing merged")
+
+    # ------------------------------------------------------------------ adapter files (peft's hooks)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return serialization.select_for_save(model, config, adapter_name, selected)
+        return adapter_state.select_for_save(model, config, adapter_name, state_dict)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        return serialization.check_for_load(model, config, adapter_name, remapped)
+        return loading.check_for_model(model, config, adapter_name, adapter_state.to_model_keys(model, config, adapter_name, state_dict))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..projector import FINGERPRINT_SIZE, canonicalize_signs, weight_fingerprint
 from ..projector_batch import top_right_singular_vectors_many
-from .grouping import group_of, validate_groups
+from .grouping import group_of, update_key, validate_groups
 from .layer import base_weight_out_in
 
 logger = logging.getLogger(__name__)
@@ -33,27 +33,23 @@ class LayerPlan:
     """What one targeted layer receives.
 
     Attributes:
-        group: group key (role, or the module name when unshared).
+        group_key: key of the group's ``M`` (:func:`pica.tuner.grouping.update_key` of the role, or of
+            the module name when unshared).
         projector: ``(rank, in_features)`` frozen ``P``.
         fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
-        projector_pending: ``projector`` is a NaN placeholder that the adapter file being loaded
-            must replace.
     """
 
-    group: str
+    group_key: str
     projector: torch.Tensor
     fingerprint: torch.Tensor
-    projector_pending: bool = False
 
 
 @dataclass
 class AdapterPlan:
-    """Per-module plans, the trainable ``M`` of each group (``(out_features, rank)``), and the layer
-    that leads (registers ``M`` for) each group once it exists."""
+    """Per-module plans and the zero-initialised trainable ``M`` of each group, ``(out_features, rank)``."""
 
     layers: dict[str, LayerPlan]
     updates: dict[str, nn.Parameter]
-    leaders: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def random_orthonormal_rows(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
@@ -107,7 +103,7 @@ def plan_adapter(
     target_description: object,
     subspace: str = "top",
     subspace_seed: int = 0,
-    compute_projectors: bool = True,
+    projectors: Mapping[str, torch.Tensor] | None = None,
 ) -> AdapterPlan:
     """Find, validate and prepare every target of one adapter.
 
@@ -120,15 +116,16 @@ def plan_adapter(
         target_description: the config's ``target_modules``, for error messages.
         subspace: ``"top"`` singular vectors or a ``"random"`` orthonormal ``P`` (ablation).
         subspace_seed: seed of the random ``P`` (with the module name).
-        compute_projectors: False when an adapter file that stores every ``P`` is being loaded: the
-            layers get NaN placeholders (marked pending) instead of recomputing ``P``.
+        projectors: module name → ``(rank, in_features)`` ``P`` read from an adapter file being loaded
+            (``projector_storage="full"``); every target must have one. None: compute every ``P``.
 
     Returns:
         The plan; nothing in ``model`` has changed.
 
     Raises:
         ValueError: no matches (listing candidates), rank too large (listing modules), mixed
-            ``out_features`` in a group, non-finite weights (naming modules).
+            ``out_features`` in a group, non-finite weights, a given ``P`` missing or mis-shaped (naming
+            modules).
         TypeError: a target of an unsupported layer type (naming it).
     """
     targets = _find_targets(model, is_target)
@@ -144,18 +141,23 @@ def plan_adapter(
     too_small = [f"{n} {tuple(w.shape)}" for n, w in weights.items() if rank > min(w.shape)]
     if too_small:
         raise ValueError(f"PiCaConfig.rank={rank} exceeds min(out_features, in_features) of {too_small[:8]}")
-    groups = {name: group_of(name, share_across_layers) for name in targets}
-    members = validate_groups(groups, {name: w.shape[0] for name, w in weights.items()})
+    roles = {name: group_of(name, share_across_layers) for name in targets}
+    members = validate_groups(roles, {name: w.shape[0] for name, w in weights.items()})
+    groups = {name: update_key(role) for name, role in roles.items()}
 
     real = [name for name, weight in weights.items() if not weight.is_meta]
     bad = [name for name in real if not torch.isfinite(weights[name]).all()]
     if bad:
         raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
-    projectors: dict[str, torch.Tensor] = {}
-    if not compute_projectors:
-        projectors = {name: torch.full((rank, weights[name].shape[1]), float("nan"), device=weights[name].device)
-                      for name in real}
+    if projectors is not None:
+        unfit = [f"{name}: P missing" if name not in projectors else f"{name}: P has shape "
+                 f"{tuple(projectors[name].shape)}, expected {(rank, weights[name].shape[1])}"
+                 for name in weights if getattr(projectors.get(name), "shape", None) != (rank, weights[name].shape[1])]
+        if unfit:
+            raise ValueError(f"the adapter file does not fit this model at {len(unfit)} module(s): {'; '.join(unfit[:6])}")
+        projectors = {name: projectors[name].to(weights[name].device, torch.float32) for name in real}
     elif subspace == "random":
+        projectors = {}
         for index, name in enumerate(real):
             random_rows = random_orthonormal_rows(name, rank, weights[name].shape[1], subspace_seed)  # (rank, in)
             projectors[name] = random_rows.to(weights[name].device)
@@ -175,10 +177,10 @@ def plan_adapter(
             fingerprint = torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta")
         else:
             projector, fingerprint = projectors[name], weight_fingerprint(weight)
-        layers[name] = LayerPlan(groups[name], projector, fingerprint, not compute_projectors and not weight.is_meta)
+        layers[name] = LayerPlan(groups[name], projector, fingerprint)
     updates = {}
-    for group, names in members.items():
+    for role, names in members.items():
         first = weights[names[0]]
-        updates[group] = nn.Parameter(torch.zeros(first.shape[0], rank, device=first.device))  # (out, rank) fp32
+        updates[update_key(role)] = nn.Parameter(torch.zeros(first.shape[0], rank, device=first.device))  # (out, rank) fp32
     logger.info("PiCa: %d layers in %d groups, rank %d", len(layers), len(updates), rank)
     return AdapterPlan(layers, updates)

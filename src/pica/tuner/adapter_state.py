@@ -1,0 +1,90 @@
+"""What a PiCa adapter file holds, and how its keys map to the model's.
+
+File keys (peft removes the adapter name; ``<key>`` is the group with ``/`` for ``.``, e.g.
+``model/layers/*/self_attn/q_proj``, or the module path for ``share_across_layers=False``)::
+
+    base_model.pica_M.<key>                     (out_features, rank)   once per group
+    base_model.model.<layer>.pica_fingerprint   (9,) float64           per layer
+    base_model.model.<layer>.pica_P             (rank, in_features)    per layer, projector_storage="full"
+    base_model.model.<layer>.pica_sketch        (rank, SKETCH_SIZE)    per layer, projector_storage="compact"
+
+Model keys add the adapter name: ``base_model.pica_M.<adapter>.<key>``, ``<layer>.pica_P.<adapter>``.
+pica 0.1.0 stored each ``M`` under one member layer, ``base_model.model.<layer>.pica_M``; such keys
+are translated to their group's key on load.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .compact import projector_sketch
+from .grouping import group_of, update_key
+from .layer import pica_layers
+
+__all__ = ["LAYER_TENSORS", "UPDATE_PREFIX", "select_for_save", "to_model_keys"]
+
+UPDATE_PREFIX = "base_model.pica_M."
+LAYER_TENSORS = ("pica_P", "pica_fingerprint", "pica_sketch")
+_LEGACY_UPDATE = re.compile(r"(?:base_model\.model\.)?(?P<layer>.+)\.pica_M")
+_LAYER_TENSOR = re.compile(r"(?P<layer>.+)\.(?P<tensor>pica_P|pica_fingerprint)")
+
+
+def _module_name(name: str) -> str:
+    """A module name as state-dict keys spell it (FSDP1 wrapper segments removed)."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def select_for_save(model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter to save, under model keys (peft then removes the adapter name).
+
+    Args:
+        model: the ``PeftModel`` (FSDP-wrapped or not).
+        config: the adapter's ``PiCaConfig``.
+        adapter_name: adapter to save.
+        state_dict: the model's state dict (peft's, possibly gathered by FSDP).
+
+    Raises:
+        ValueError: ``state_dict`` lacks a tensor of the adapter.
+    """
+    prefix = f"{UPDATE_PREFIX}{adapter_name}."
+    selected = {key: value for key, value in state_dict.items() if key.startswith(prefix) and "." not in key[len(prefix):]}
+    wanted = ["pica_fingerprint"] + (["pica_P"] if config.projector_storage == "full" else [])
+    for name, layer in pica_layers(model, adapter_name):
+        name = _module_name(name)
+        for tensor in wanted:
+            key = f"{name}.{tensor}.{adapter_name}"
+            if key not in state_dict:
+                raise ValueError(f"PiCa adapter '{adapter_name}': the state dict has no {key}")
+            selected[key] = state_dict[key]
+        if config.projector_storage == "compact":
+            selected[f"{name}.pica_sketch.{adapter_name}"] = projector_sketch(layer.pica_P[adapter_name])
+    return selected
+
+
+def to_model_keys(model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """Map the keys of an adapter file to model keys (sketches keep their file keys: they are consumed
+    by the load checks, not loaded).
+
+    Raises:
+        ValueError: two tensors of the file map to the same ``M`` (an older file with a duplicated group).
+    """
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(UPDATE_PREFIX) and "." not in key[len(UPDATE_PREFIX):]:
+            target = f"{UPDATE_PREFIX}{adapter_name}.{key[len(UPDATE_PREFIX):]}"
+        elif legacy := _LEGACY_UPDATE.fullmatch(key):
+            group = update_key(group_of(_module_name(legacy["layer"]), config.share_across_layers))
+            target = f"{UPDATE_PREFIX}{adapter_name}.{group}"
+        elif _LAYER_TENSOR.fullmatch(key):
+            target = f"{key}.{adapter_name}"
+        else:
+            target = key
+        if target in result:
+            raise ValueError(f"the adapter file holds two tensors for {target}: {key} and another")
+        result[target] = value
+    return result

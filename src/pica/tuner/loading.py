@@ -1,0 +1,388 @@
+"""Loading a PiCa adapter: the one path from ``PeftModel.from_pretrained`` to the checks.
+
+``PeftModel.from_pretrained(base, path)`` and ``peft_model.load_adapter(path, name)`` of a PiCa
+adapter run :func:`load_checked` (installed around both by :mod:`pica.tuner.integration`):
+
+1. **Validate before building.** :func:`read_adapter` checks the directory, ``adapter_config.json``
+   (a valid ``PiCaConfig``) and every tensor of ``adapter_model.safetensors``: a complete file,
+   floating dtypes, finite values, shapes that fit the config's rank, ``P`` rows orthonormal to
+   :data:`ORTHONORMAL_TOLERANCE`. Nothing has been built yet, so an error changes nothing.
+2. **Build and load,** inside :func:`restore_on_error`, with the validated tensors published to
+   this thread (:func:`projectors_being_loaded`, the one context variable):
+
+   a. peft injects the layers; :meth:`PiCaModel.inject_adapter` takes every ``P`` from the file
+      (``projector_storage="full"``) instead of computing it;
+   b. peft's ``load_peft_weights`` returns the validated tensors (:func:`validated_weights`), so
+      the file is read once, by safetensors: no pickle reader is ever reached;
+   c. peft's ``set_peft_model_state_dict`` calls the tuner's remap hook, which calls
+      :func:`check_for_model`: each ``M``, ``P`` and fingerprint the layers need is there with its
+      shape, every fingerprint matches this base, compact sketches are matched, and no tensor is
+      left that the config does not account for.
+3. **Restore on any error.** :func:`restore_on_error` puts the model back exactly (module tree,
+   parameters, buffers, hooks, attributes, ``requires_grad``, training flags) and the error is raised
+   as :class:`pica.io.AdapterFileError` naming the adapter.
+
+Loads that skip step 1 (``set_peft_model_state_dict``, Trainer checkpoints) still go through
+:func:`check_for_model`; a raw ``load_state_dict`` meets the layers' fingerprint hook
+(:mod:`pica.tuner.layer`). transformers' ``model.load_adapter`` is refused for PiCa adapters
+(:func:`refuse_transformers_load_adapter`): it injects through peft's ``inject_adapter_in_model``,
+which keeps no tuner, and PiCa's shared ``M`` lives on the tuner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.config import PeftConfig
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from peft.utils.other import AuxiliaryTrainingWrapper
+from safetensors.torch import load_file
+from torch import nn
+
+from ..io import AdapterFileError, check_safetensors_file, read_json_object
+from ..projector import FINGERPRINT_SIZE
+from . import compact
+from .adapter_state import UPDATE_PREFIX, _module_name
+from .layer import FINGERPRINT_TOLERANCE, pica_layers
+from .registration import PICA_PEFT_TYPE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ORTHONORMAL_TOLERANCE", "call_arguments", "check_for_model", "load_checked", "projectors_being_loaded",
+           "read_adapter", "refuse_transformers_load_adapter", "restore_on_error", "validate_adapter_directory",
+           "validated_weights"]
+
+ORTHONORMAL_TOLERANCE = 1e-4
+"""Largest accepted ``|P Pᵀ − I|`` entry of a stored ``P`` (saved ones are orthonormal to ~1e-6 in fp32)."""
+
+
+@dataclass(frozen=True)
+class _Load:
+    adapter_name: str
+    path: Path
+    tensors: dict[str, torch.Tensor]
+
+
+_LOADING: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("pica_loading", default=None)
+
+
+def call_arguments(function: Callable, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """A call's arguments by name (defaults filled in, ``**kwargs`` merged), however they were passed."""
+    bound = inspect.signature(function).bind_partial(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    values.update(values.pop("kwargs", None) or {})
+    return values
+
+
+# ------------------------------------------------------------------------------- 1. validate files
+
+
+def _local_path(model_id: str | os.PathLike, subfolder: str | None) -> Path | None:
+    """The local adapter directory meant by ``model_id``, or None for a Hub repository id."""
+    looks_local = isinstance(model_id, os.PathLike) or os.path.isabs(model_id) or str(model_id).startswith((".", "~"))
+    path = Path(os.path.expanduser(str(model_id)))
+    if not (looks_local or path.exists()):
+        return None
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter directory {path} does not exist" if not path.exists() else
+                               f"{path} is a file; give the adapter directory that holds {CONFIG_NAME}")
+    return path / subfolder if subfolder else path
+
+
+def validate_adapter_directory(path: str | os.PathLike) -> bool:
+    """Check a local adapter directory's config and weights file; True if it holds a PiCa adapter.
+
+    Non-PiCa adapters are only checked for a readable JSON config with a known ``peft_type``.
+
+    Raises:
+        AdapterFileError: missing directory/config/weights, config not JSON or not a valid
+            ``PiCaConfig`` (naming the field), truncated/empty/corrupt safetensors.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from .config import PiCaConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter directory {path} does not exist")
+    config_file = path / CONFIG_NAME
+    peft_type = read_json_object(config_file).get("peft_type")
+    if peft_type is None:
+        raise AdapterFileError(f"{config_file}: field 'peft_type' is missing")
+    known = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if not isinstance(peft_type, str) or peft_type not in known:
+        raise AdapterFileError(f"{config_file}: field 'peft_type' is {peft_type!r}, not a known PEFT method "
+                               f"(PiCa adapters have {PICA_PEFT_TYPE.value!r})")
+    if peft_type != PICA_PEFT_TYPE.value:
+        return False
+    try:
+        PiCaConfig.from_pretrained(str(path))
+    except (ValueError, TypeError) as error:
+        raise AdapterFileError(f"{config_file}: {error}") from error
+    check_safetensors_file(path / SAFETENSORS_WEIGHTS_NAME)
+    return True
+
+
+def _pica_adapter(values: dict[str, Any]) -> tuple[Path, Any] | None:
+    """(local directory, config) if the call loads a PiCa adapter, else None (Hub files are downloaded)."""
+    from .config import PiCaConfig
+
+    model_id, subfolder, config = values["model_id"], values.get("subfolder"), values.get("config")
+    if config is not None and not isinstance(config, PiCaConfig):
+        return None
+    path = _local_path(model_id, subfolder)
+    if path is None:  # a Hub id: peft's own resolution, then the same checks on the downloaded files
+        hub = {k: values[k] for k in ("revision", "cache_dir", "token", "local_files_only") if values.get(k) is not None}
+        try:
+            if config is None and PeftConfig._get_peft_type(str(model_id), subfolder=subfolder, **hub) != PICA_PEFT_TYPE.value:
+                return None
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub)).parent
+        except Exception:  # noqa: BLE001  (not reachable or not PiCa: peft raises its own error just after)
+            return None
+    if config is None:
+        if not validate_adapter_directory(path):
+            return None
+        config = PiCaConfig.from_pretrained(str(path))
+    return path, config
+
+
+def check_tensor(key: str, tensor: torch.Tensor, rank: int) -> str | None:
+    """What is wrong with one stored tensor of a PiCa adapter, judged by its key (None if nothing)."""
+    if not tensor.is_floating_point():
+        return f"{key}: dtype {tensor.dtype}, not a floating dtype"
+    if not torch.isfinite(tensor).all():
+        return f"{key}: non-finite values"
+    leaf = key.rsplit(".", 1)[-1]
+    if key.startswith(UPDATE_PREFIX) or leaf == "pica_M":
+        if tensor.ndim != 2 or tensor.shape[1] != rank:
+            return f"{key}: M has shape {tuple(tensor.shape)}, expected (out_features, {rank})"
+    elif leaf == "pica_fingerprint" and tuple(tensor.shape) != (FINGERPRINT_SIZE,):
+        return f"{key}: fingerprint has shape {tuple(tensor.shape)}, expected ({FINGERPRINT_SIZE},)"
+    elif leaf == "pica_sketch" and tuple(tensor.shape) != (rank, compact.SKETCH_SIZE):
+        return f"{key}: sketch has shape {tuple(tensor.shape)}, expected ({rank}, {compact.SKETCH_SIZE})"
+    elif leaf == "pica_P":
+        if tensor.ndim != 2 or tensor.shape[0] != rank:
+            return f"{key}: P has shape {tuple(tensor.shape)}, expected ({rank}, in_features)"
+        gram = tensor.float() @ tensor.float().T  # (rank, rank)
+        error = float((gram - torch.eye(rank, device=tensor.device)).abs().max())
+        if error > ORTHONORMAL_TOLERANCE:
+            return f"{key}: P rows are not orthonormal (|P Pᵀ - I| = {error:.3g} > {ORTHONORMAL_TOLERANCE:g})"
+    return None
+
+
+def read_adapter(path: Path, config) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor of ``path/adapter_model.safetensors`` (see :func:`check_tensor`).
+
+    Raises:
+        AdapterFileError: naming the file and the first problems.
+    """
+    file = path / SAFETENSORS_WEIGHTS_NAME
+    check_safetensors_file(file)
+    try:
+        tensors = load_file(file)
+    except Exception as error:  # noqa: BLE001  (a file that passed the header check but cannot be read)
+        raise AdapterFileError(f"cannot read {file}: {error}") from error
+    problems = [problem for key, tensor in sorted(tensors.items()) if (problem := check_tensor(key, tensor, config.rank))]
+    if problems:
+        raise AdapterFileError(f"{file}: {len(problems)} bad tensor(s): " + "; ".join(problems[:6]))
+    return tensors
+
+
+# ------------------------------------------------------------------------------- 2. build and load
+
+
+def projectors_being_loaded(adapter_name: str, config) -> dict[str, torch.Tensor] | None:
+    """Module name → validated ``P`` from the file this thread is loading as ``adapter_name``, if it
+    stores every ``P`` (``projector_storage="full"``); None otherwise (the projectors are computed)."""
+    load = _LOADING.get()
+    if load is None or load.adapter_name != adapter_name or config.projector_storage != "full":
+        return None
+    prefix, suffix = "base_model.model.", ".pica_P"
+    return {key[len(prefix):-len(suffix)]: tensor for key, tensor in load.tensors.items()
+            if key.startswith(prefix) and key.endswith(suffix)}
+
+
+def validated_weights(original: Callable, model_id: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Body of the ``peft.peft_model.load_peft_weights`` wrapper: during a PiCa load, the tensors
+    validated in step 1 (moved to ``device``); otherwise peft's own reader."""
+    load = _LOADING.get()
+    if load is None:
+        return original(model_id, *args, **kwargs)
+    values = call_arguments(original, model_id, *args, **kwargs)
+    if values.get("key_mapping"):
+        raise AdapterFileError(f"{load.path}: key_mapping is not supported for PiCa adapters")
+    device = values.get("device")
+    return {key: tensor.to(device) if device else tensor for key, tensor in load.tensors.items()}
+
+
+def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """Check an adapter state dict (model keys) against the model it is about to be loaded into.
+
+    Args:
+        model: the ``PeftModel`` whose PiCa layers for ``adapter_name`` exist.
+        config: the adapter's ``PiCaConfig``.
+        adapter_name: adapter being loaded.
+        state_dict: tensors under model keys (:func:`pica.tuner.adapter_state.to_model_keys`).
+
+    Returns:
+        What to load: the state dict with each ``P`` that the file does not store (compact: aligned to
+        its sketch; ``"none"``: as computed at injection) and without the sketches.
+
+    Raises:
+        ValueError: naming modules with missing/mis-shaped/non-finite tensors, a fingerprint of
+            another base, a missed sketch, or tensors the config does not account for.
+    """
+    load = _LOADING.get()
+    validated = load is not None and load.adapter_name == adapter_name
+    result, problems, mismatched = dict(state_dict), [], []
+    consumed: set[str] = set()
+
+    def need(key: str, what: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        tensor = state_dict.get(key)
+        consumed.add(key)
+        if tensor is None:
+            problems.append(f"{what} missing")
+        elif tuple(tensor.shape) != shape:
+            problems.append(f"{what} has shape {tuple(tensor.shape)}, expected {shape}")
+        elif not validated and (problem := check_tensor(key, tensor, config.rank)):
+            problems.append(problem)
+        else:
+            return tensor
+        return None
+
+    layers = list(pica_layers(model, adapter_name))
+    for key, update in (layers[0][1]._pica_updates[adapter_name].items() if layers else ()):
+        need(f"{UPDATE_PREFIX}{adapter_name}.{key}", f"M of group '{key}'", tuple(update.shape))
+    for name, layer in layers:
+        name = _module_name(name)
+        stored = need(f"{name}.pica_fingerprint.{adapter_name}", f"{name}: fingerprint", (FINGERPRINT_SIZE,))
+        if stored is not None and not layer.pica_fingerprint[adapter_name].is_meta:
+            distance = layer.fingerprint_distance(adapter_name, stored)
+            if distance > FINGERPRINT_TOLERANCE:
+                mismatched.append(f"{name} (distance {distance:.3g})")
+        p_key, shape = f"{name}.pica_P.{adapter_name}", (layer.rank[adapter_name], layer.in_features)
+        if config.projector_storage == "full":
+            need(p_key, f"{name}: P", shape)
+        elif p_key in state_dict:
+            problems.append(f"{name}: the file stores P but projector_storage is {config.projector_storage!r}")
+        elif config.projector_storage == "compact":
+            sketch_key = f"{name}.pica_sketch"
+            consumed.add(sketch_key)
+            compact.load_from_sketch(problems, result, name, layer, adapter_name, p_key, result.pop(sketch_key, None))
+        else:
+            result[p_key] = layer.pica_P[adapter_name]
+    auxiliary = tuple(_module_name(name) + "." for name, module in model.named_modules()
+                      if isinstance(module, AuxiliaryTrainingWrapper))
+    unused = sorted(key for key in state_dict if key not in consumed
+                    and not (key.startswith(auxiliary) and f".{adapter_name}." in key))
+    if unused:
+        problems.append(f"{len(unused)} tensor(s) that this PiCaConfig does not account for: {', '.join(unused[:6])}")
+    if mismatched:
+        problems.insert(0, f"the adapter was trained on a different base model: base weights differ at "
+                           f"{len(mismatched)} module(s): {', '.join(mismatched[:6])}")
+    if problems:
+        raise ValueError(f"Cannot load PiCa adapter '{adapter_name}': " + "; ".join(problems[:8]))
+    return result
+
+
+# ------------------------------------------------------------------------------- 3. restore on error
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    """Every attribute of ``module`` by identity, and the contents of its dicts, lists and sets."""
+    attributes = dict(vars(module))
+    contents = {name: (value.copy() if isinstance(value, (dict, set)) else list(value))
+                for name, value in attributes.items() if isinstance(value, (dict, list, set))}
+    return {"attributes": attributes, "contents": contents}
+
+
+def _restore(module: nn.Module, snapshot: dict[str, Any]) -> None:
+    current = vars(module)
+    current.clear()
+    current.update(snapshot["attributes"])
+    for name, content in snapshot["contents"].items():
+        container = current[name]
+        container.clear()
+        (container.update if isinstance(container, (dict, set)) else container.extend)(content)
+
+
+@contextlib.contextmanager
+def restore_on_error(root: nn.Module) -> Iterator[None]:
+    """On an exception, put ``root`` and every module under it back as they were, then re-raise.
+
+    Restored: each module's attributes (so its submodules, parameters, buffers and hooks, and every
+    peft bookkeeping dict/list such as ``peft_config`` or active adapters), ``requires_grad`` and
+    training flags. Tensor values are not touched by a failed load (checks run before
+    ``load_state_dict``), so they are not copied.
+    """
+    modules = list(root.modules())
+    snapshots = [(module, _snapshot(module)) for module in modules]
+    flags = [(parameter, parameter.requires_grad) for parameter in root.parameters()]
+    try:
+        yield
+    except BaseException:
+        try:
+            for module, snapshot in snapshots:
+                _restore(module, snapshot)
+            for parameter, requires_grad in flags:
+                parameter.requires_grad_(requires_grad)
+        except Exception:  # noqa: BLE001  (never hide the original error)
+            logger.exception("PiCa: could not undo a failed adapter load")
+        raise
+
+
+def load_checked(original: Callable, owner: Any, *args: Any, **kwargs: Any) -> Any:
+    """Body of the wrappers of ``PeftModel.from_pretrained`` (``owner``: the class) and
+    ``PeftModel.load_adapter`` (``owner``: the ``PeftModel``): the load path described above."""
+    if _LOADING.get() is not None:  # load_adapter called by from_pretrained: already on this path
+        return original(owner, *args, **kwargs)
+    values = call_arguments(original, owner, *args, **kwargs)
+    adapter = _pica_adapter(values)
+    if adapter is None:
+        return original(owner, *args, **kwargs)
+    path, config = adapter
+    adapter_name = values["adapter_name"]
+    load = _Load(adapter_name, path, read_adapter(path, config))
+    token = _LOADING.set(load)
+    try:
+        with restore_on_error(values.get("model", owner)):
+            try:
+                return original(owner, *args, **kwargs)
+            except AdapterFileError:
+                raise
+            except (ValueError, KeyError) as error:
+                raise AdapterFileError(f"{path}: cannot load PiCa adapter '{adapter_name}': {error}") from error
+    finally:
+        _LOADING.reset(token)
+
+
+def refuse_transformers_load_adapter(original: Callable, self: nn.Module, peft_model_id: str | None = None,
+                                     *args: Any, **kwargs: Any) -> Any:
+    """Body of the transformers ``PeftAdapterMixin.load_adapter`` wrapper: refuse PiCa adapters.
+
+    Raises:
+        ValueError: ``peft_model_id`` or ``peft_config`` is a PiCa adapter; points to ``PeftModel.from_pretrained``.
+    """
+    from .config import PiCaConfig
+
+    config = kwargs.get("peft_config")
+    local = _local_path(peft_model_id, (kwargs.get("adapter_kwargs") or {}).get("subfolder")) if peft_model_id else None
+    if isinstance(config, PiCaConfig) or (config is None and local is not None and validate_adapter_directory(local)):
+        raise ValueError(
+            f"PiCa adapter {peft_model_id or ''}: load it with peft.PeftModel.from_pretrained(model, path). "
+            "transformers' load_adapter injects adapters with peft's inject_adapter_in_model, which keeps no "
+            "tuner module, and PiCa's shared M lives on the tuner (that is what lets per-layer FSDP work).")
+    return original(self, peft_model_id, *args, **kwargs)
