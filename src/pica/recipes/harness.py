@@ -24,7 +24,7 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Train
 
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError
-from .measure import PeakMemory, projector_progress, single_cpu_thread
+from .measure import PeakMemory, projector_progress
 from .methods import apply_method, default_head_modules, parameter_split
 from .models import load_base_model, load_tokenizer
 from .results import format_table, plot_comparison, plot_loss, summarize, write_json
@@ -150,8 +150,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             model = _load_model(prepared, recipe)
             heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
             init_started = time.perf_counter()
-            on_cpu = next(model.parameters()).device.type == "cpu"
-            with projector_progress(progress), single_cpu_thread(on_cpu and method == "pica"):
+            with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
                 model = apply_method(model, method, recipe, kind, heads)
             init_seconds = time.perf_counter() - init_started
             params = parameter_split(model, heads)
