@@ -43,7 +43,7 @@ def test_two_methods_two_seeds_write_everything(comparison):
     out = tmp_path / "out"
     for name in ("results.json", "config.yaml", "table.txt", "comparison.png"):
         assert (out / name).is_file(), name
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out*"))  # no staging directory left
     runs = results["runs"]
     assert [(r["method"], r["seed"]) for r in runs] == [("pica", 0), ("pica", 1), ("lora", 0), ("lora", 1)]
     for run in runs:

@@ -3,13 +3,13 @@ transformers ``Trainer`` (no hand-written loop, collator, scheduler or checkpoin
 
 Everything that can fail on bad input (recipe, task, data rows, model path, output directory) is
 checked in :func:`prepare` before anything is written. Outputs are built in a hidden sibling
-directory and renamed into place at the end, so a failed run leaves no partial output directory.
+directory and renamed into place at the end (:func:`pica.io.atomic_directory`), so a failed run
+leaves no partial output directory.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import yaml
 from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
                           set_seed)
 
+from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError
 from .measure import PeakMemory, projector_progress
@@ -216,14 +217,13 @@ def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
 
 
 def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
-    """Every method × seed of the recipe; writes the output directory atomically; returns results."""
+    """Every method × seed of the recipe; writes the output directory atomically; returns results.
+
+    The output is built with :func:`pica.io.atomic_directory`: a failed run leaves no partial
+    directory, and with ``overwrite`` the old output is replaced only once the new one is complete.
+    """
     recipe = prepared.recipe
-    output = Path(recipe.output_dir).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic_directory(Path(recipe.output_dir).resolve(), recipe.overwrite, "output_dir") as staging:
         resolved = {**recipe.to_dict(), "task_options": prepared.options}
         (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         runs = []
@@ -239,19 +239,4 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
                    "runs": runs, "table": table}
         write_json(staging / "results.json", results)
         (staging / "table.txt").write_text(table + "\n", encoding="utf-8")
-        _publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return results
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move ``staging`` to ``output``, replacing an old ``output`` only once the new one is complete."""
-    trash = None
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, trash)
-    os.replace(staging, output)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
