@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
 from safetensors.torch import save_file
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .io import atomic_directory
@@ -39,12 +41,15 @@ def _pica_config(model: PeftModel, adapter_name: str, what: str) -> PiCaConfig:
     return config
 
 
-def _adapter_layers(model: PeftModel, adapter_name: str) -> dict[str, PiCaLayer]:
-    return {
-        name: module
-        for name, module in model.get_base_model().named_modules()
-        if isinstance(module, PiCaLayer) and adapter_name in module.pica_P
-    }
+def _pica_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, PiCaLayer]]:
+    """``(name, layer)`` for each PiCa layer of ``model`` that holds adapter ``adapter_name``.
+
+    The contract of ``pica.tuner.layer.pica_layers`` (the same loop as ``tuner/serialization.py
+    _layers``): once the tuner exposes it, import it here and delete this function.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, PiCaLayer) and adapter_name in module.pica_P:
+            yield name, module
 
 
 def serving_limits(rank: int, modules_to_save: list[str] | None) -> list[str]:
@@ -109,7 +114,7 @@ def export_lora(
     config = _pica_config(model, adapter_name, "export_lora")
     base = model.get_base_model()
     dtype = dtype or next(base.parameters()).dtype
-    layers = _adapter_layers(model, adapter_name)
+    layers = dict(_pica_layers(base, adapter_name))
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
