@@ -6,11 +6,44 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pica.io import AdapterFileError, atomic_directory_update, check_safetensors_file, read_json_object
+from pica.io import AdapterFileError, atomic_directory, atomic_directory_update, check_safetensors_file, read_json_object
 
 
 def _listing(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    with atomic_directory(tmp_path / "out") as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "a.txt").write_text("new")
+        assert not (tmp_path / "out").exists()
+    assert _listing(tmp_path / "out") == {"sub/a.txt": b"new"}
+    with pytest.raises(RuntimeError, match="injected"), atomic_directory(tmp_path / "other") as staging:
+        (staging / "a.txt").write_text("partial")
+        raise RuntimeError("injected")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directory, no staging
+
+
+def test_atomic_directory_overwrite_keeps_the_old_directory_until_the_new_one_is_complete(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="what: .*out exists; pass overwrite=True"):
+        with atomic_directory(tmp_path / "out", what="what"):
+            pytest.fail("the block must not run")
+    with pytest.raises(RuntimeError, match="injected"), atomic_directory(tmp_path / "out", overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+        raise RuntimeError("injected")
+    assert _listing(tmp_path / "out") == {"old.txt": b"old"}
+    with atomic_directory(tmp_path / "out", overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+        assert _listing(tmp_path / "out") == {"old.txt": b"old"}
+    assert _listing(tmp_path / "out") == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"), atomic_directory(tmp_path / "file", True):
+        pytest.fail("the block must not run")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_update_replaces_written_files_and_keeps_the_others(tmp_path):

@@ -22,6 +22,7 @@ __all__ = [
     "LEAK_TOLERANCE",
     "canonicalize_signs",
     "fingerprint_distance",
+    "torch_threads",
     "top_right_singular_vectors",
     "weight_fingerprint",
 ]
@@ -190,8 +191,16 @@ accepted; a larger bound is accepted only up to the error a float32 SVD makes on
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Set torch's (process-wide) intra-op thread count inside the block, restore it after."""
+def torch_threads(count: int) -> Iterator[None]:
+    """Set torch's (process-wide) intra-op thread count inside the block, restore it after.
+
+    The one thread guard of the package: the projector runs each matrix on one thread with it, and
+    the many-matrix pool holds it around its workers. A run's own thread count is the recipe/CLI
+    ``threads`` option, set once by the ``pica`` command.
+
+    Args:
+        count: intra-op threads inside the block (``torch.set_num_threads``).
+    """
     previous = torch.get_num_threads()
     if previous != count:
         torch.set_num_threads(count)
@@ -238,7 +247,7 @@ def top_right_singular_vectors(
     Use :func:`pica.projector_batch.top_right_singular_vectors_many` to spread many matrices over the cores.
     """
     if weight.device.type == "cpu" and torch.get_num_threads() != 1:
-        with _torch_threads(1):
+        with torch_threads(1):
             return top_right_singular_vectors(weight, rank, compute_dtype, oversample)
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")

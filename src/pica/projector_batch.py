@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .projector import _torch_threads, top_right_singular_vectors
+from .projector import top_right_singular_vectors, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,6 @@ def top_right_singular_vectors_many(
         for index in on_cpu:
             run(index)
     else:
-        with _torch_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(on_cpu))) as pool:
+        with torch_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(on_cpu))) as pool:
             list(pool.map(run, on_cpu))  # re-raises the first error
     return results

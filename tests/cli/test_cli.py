@@ -72,6 +72,34 @@ def test_eval_of_saved_adapter_reproduces_the_run(trained, capsys, tmp_path):
     assert (tmp_path / "ev" / "results.json").is_file() and (tmp_path / "ev" / "predictions.jsonl").is_file()
 
 
+def test_eval_output_is_atomic_and_overwrite_keeps_the_old_output_until_the_end(trained, capsys, tmp_path,
+                                                                                 monkeypatch):
+    import pica.recipes.results as results
+
+    run_dir = str(trained["out"] / "pica" / "seed0")
+    args = ["--no-progress", "eval", run_dir, "--eval-data", str(trained["test"]), "--output-dir", str(tmp_path / "ev")]
+    real_write_json = results.write_json
+
+    def write_then_fail(path, value):  # a failure in the middle of writing the output directory
+        real_write_json(path, value)
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(results, "write_json", write_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        main(args)
+    assert list(tmp_path.iterdir()) == []  # no partial output, no staging directory
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "keep.txt").write_text("old")
+    assert main(args) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(OSError, match="injected"):
+        main([*args, "--overwrite"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"] and [p.name for p in (tmp_path / "ev").iterdir()] == ["keep.txt"]
+    monkeypatch.setattr(results, "write_json", real_write_json)
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["predictions.jsonl", "results.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]
+
+
 def test_export_lora_and_merged(trained, tmp_path, capsys):
     run_dir = str(trained["out"] / "pica" / "seed0")
     assert main(["export", run_dir, "--to", "lora", "--out", str(tmp_path / "lora")]) == 0

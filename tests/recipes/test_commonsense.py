@@ -126,15 +126,15 @@ def test_folder_errors(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"input": "", "answer": "true"}, "line 2: missing field 'instruction'"),
-    ({"instruction": "q", "input": ""}, "line 2: missing field 'answer'"),
-    ({"instruction": "q", "answer": "yes"}, r"line 2: field 'answer' is 'yes', not a label word of task boolq"),
-    ({"instruction": "q", "answer": "true", "input": 3}, "line 2: field 'input' must be a string"),
-    ({"instruction": "q", "answer": "true", "task": "mmlu"}, "line 2: unknown task 'mmlu'"),
+    ({"input": "", "answer": "true"}, ":2: missing field 'instruction'"),
+    ({"instruction": "q", "input": ""}, ":2: missing field 'answer'"),
+    ({"instruction": "q", "answer": "yes"}, r":2: field 'answer' is 'yes', not a label word of task boolq"),
+    ({"instruction": "q", "answer": "true", "input": 3}, ":2: field 'input' must be a string"),
+    ({"instruction": "q", "answer": "true", "task": "mmlu"}, ":2: unknown task 'mmlu'"),
 ])
 def test_malformed_rows_name_file_line_and_field(tmp_path, row, message):
     path = _write(tmp_path / "boolq.jsonl", [_rows("boolq")[0], row])
-    with pytest.raises(ValueError, match=f"boolq.jsonl {message}"):
+    with pytest.raises(ValueError, match=f"boolq.jsonl{message}"):
         commonsense.load_examples(path)
 
 

@@ -21,28 +21,41 @@ def test_read_records_jsonl_locations_and_blank_lines(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
     records = generative.read_records(path)
     assert [record for _, record in records] == [{"a": 1}, {"a": 2}]
-    assert [where for where, _ in records] == [f"{path} line 1", f"{path} line 3"]
+    assert [where for where, _ in records] == [f"{path}:1", f"{path}:3"]
     assert len(generative.read_records(path, limit=1)) == 1
 
 
 def test_read_records_json_list(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"a": 1}, {"a": 2}, {"a": 3}]), encoding="utf-8")
-    assert [where for where, _ in generative.read_records(path, limit=2)] == [f"{path} row 0", f"{path} row 1"]
+    assert [where for where, _ in generative.read_records(path, limit=2)] == [f"{path}[0]", f"{path}[1]"]
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("bad.jsonl", '{"a": 1}\n{"a": \n', r"bad\.jsonl line 2: invalid JSON"),
-    ("list.jsonl", '{"a": 1}\n[1, 2]\n', r"list\.jsonl line 2: expected a JSON object, got list"),
+    ("bad.jsonl", '{"a": 1}\n{"a": \n', r"bad\.jsonl:2: invalid JSON"),
+    ("list.jsonl", '{"a": 1}\n[1, 2]\n', r"list\.jsonl:2: each row must be a JSON object, got list"),
     ("dict.json", '{"a": 1}', r"dict\.json: a \.json data file must hold a list"),
-    ("scalar.json", '[{"a": 1}, 3]', r"scalar\.json row 1: expected a JSON object, got int"),
-    ("rows.csv", "a\n1\n", r"rows\.csv: unsupported data file extension '\.csv'"),
+    ("broken.json", '[{"a": 1},\n {"a": }]', r"broken\.json:2: invalid JSON"),
+    ("scalar.json", '[{"a": 1}, 3]', r"scalar\.json\[1\]: each row must be a JSON object, got int"),
+    ("rows.csv", "a\n1\n", r"rows\.csv: unsupported data file type '\.csv'; use one of \['\.jsonl', '\.json'\]"),
 ])
 def test_read_records_errors_name_file_and_line(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         generative.read_records(path)
+
+
+def test_read_records_is_the_classify_row_reader(tmp_path):
+    """One row reader, one location format: the generative tasks and classify see the same rows."""
+    from pica.recipes.data_files import iter_rows
+
+    path = tmp_path / "ROWS.JSONL"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+    assert generative.read_records(path) == list(iter_rows(path))
+    assert [where for where, _ in generative.read_records(path)] == [f"{path}:1", f"{path}:3"]
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        generative.read_records(path, limit=-1)
 
 
 def test_read_records_missing_file_names_path(tmp_path):
@@ -58,8 +71,8 @@ def test_read_records_missing_file_names_path(tmp_path):
     ({"question": "  "}, "field 'question' is empty"),
 ])
 def test_require_text(record, message):
-    with pytest.raises(ValueError, match=f"f.jsonl line 4: {message}"):
-        generative.require_text(record, "question", "f.jsonl line 4")
+    with pytest.raises(ValueError, match=f"f.jsonl:4: {message}"):
+        generative.require_text(record, "question", "f.jsonl:4")
 
 
 def test_format_prompt_alpaca_with_and_without_input():

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pica.cli import main
@@ -42,7 +43,7 @@ def test_two_methods_two_seeds_write_everything(comparison):
     out = tmp_path / "out"
     for name in ("results.json", "config.yaml", "table.txt", "comparison.png"):
         assert (out / name).is_file(), name
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out*"))  # no staging directory left
     runs = results["runs"]
     assert [(r["method"], r["seed"]) for r in runs] == [("pica", 0), ("pica", 1), ("lora", 0), ("lora", 1)]
     for run in runs:
@@ -74,6 +75,28 @@ def test_seeds_are_reproducible_and_different(data, comparison, tmp_path):
     again = run_experiment(prepare(_recipe(data, tmp_path, seeds=[0], save_model=False)), progress=False)
     assert first["runs"][0]["train_loss"] == again["runs"][0]["train_loss"]
     assert first["runs"][0]["train_loss"] != first["runs"][1]["train_loss"]
+
+
+def test_pica_projectors_run_side_by_side_with_the_run_thread_count(data, tmp_path, monkeypatch):
+    """``pica train`` leaves the thread count to the ``threads`` option: the projector pool runs
+    ``torch.get_num_threads()`` matrices at once, as under ``get_peft_model``."""
+    import pica.projector_batch as projector_batch
+    from pica.projector import torch_threads
+
+    seen: list[tuple[int, int]] = []
+    real_default_workers = projector_batch._default_workers
+
+    def spy(shapes, rank):
+        workers = real_default_workers(shapes, rank)
+        seen.append((torch.get_num_threads(), workers))
+        return workers
+
+    monkeypatch.setattr(projector_batch, "_default_workers", spy)
+    with torch_threads(2):
+        run_experiment(prepare(_recipe(data, tmp_path, max_steps=1, save_model=False)), progress=False)
+        assert torch.get_num_threads() == 2
+    assert seen and all(threads == 2 for threads, _ in seen)
+    assert seen[0][1] == 2  # two tiny matrices fit: two at once
 
 
 def test_generative_task_through_the_harness(tmp_path):

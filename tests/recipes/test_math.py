@@ -105,14 +105,14 @@ def test_load_json_list(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "x", "completion": "y"},
-     r"line 2: expected fields 'question'/'answer' \(GSM8K\) or 'query'/'response'"),
-    ({"question": "x"}, "line 2: missing field 'answer'"),
-    ({"query": "x", "response": 5}, "line 2: field 'response' must be a string"),
-    ({"query": "", "response": "#### 5"}, "line 2: field 'query' is empty"),
+     r":2: expected fields 'question'/'answer' \(GSM8K\) or 'query'/'response'"),
+    ({"question": "x"}, ":2: missing field 'answer'"),
+    ({"query": "x", "response": 5}, ":2: field 'response' must be a string"),
+    ({"query": "", "response": "#### 5"}, ":2: field 'query' is empty"),
 ])
 def test_malformed_rows_name_file_line_and_field(tmp_path, row, message):
     path = _write_jsonl(tmp_path / "broken.jsonl", [{"question": "ok", "answer": "#### 1"}, row])
-    with pytest.raises(ValueError, match=f"broken.jsonl {message}"):
+    with pytest.raises(ValueError, match=f"broken.jsonl{message}"):
         math_task.load_examples(path)
 
 

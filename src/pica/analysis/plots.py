@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
-from ..tuner.grouping import group_of
+from ..naming import parse_module_path
 
 __all__ = ["plot_report"]
-
-
-def _layer_index(name: str) -> int:
-    numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return int(numbers[0]) if numbers else 0
 
 
 def plot_report(report: dict, out_dir: str | Path, title: str = "") -> list[Path]:
@@ -39,7 +33,8 @@ def plot_report(report: dict, out_dir: str | Path, title: str = "") -> list[Path
     by_role: dict[str, dict[int, dict]] = {role: {} for role in roles}
     for name, layer in report["layers"].items():
         if layer["delta_norm"] > 0:  # unchanged layers are left blank
-            by_role[group_of(name, True)][_layer_index(name)] = layer
+            path = parse_module_path(name)
+            by_role[path.role][path.layer if path.layer is not None else 0] = layer
     roles = [role for role in roles if by_role[role]]
     depth = 1 + max((i for layers in by_role.values() for i in layers), default=0)
     short = [role.replace(".*.", "·").split("·")[-1] for role in roles]

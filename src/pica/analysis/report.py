@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..tuner.grouping import group_of
+from ..naming import parse_module_path
 from .spectral import energy_fraction, intruder_cosines, principal_angles, top_right_subspace
 from .weights import weight_pairs
 
@@ -70,7 +70,7 @@ def analyze_weight_pairs(
     layers = {name: _layer_report(w0, w, rank, top_k, epsilons) for name, (w0, w) in pairs.items()}
     roles: dict[str, list[str]] = {}
     for name in layers:
-        roles.setdefault(group_of(name, share_across_layers=True), []).append(name)
+        roles.setdefault(parse_module_path(name).role, []).append(name)
     key = f"{epsilon:g}"
 
     def aggregate(names: list[str]) -> dict:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["adapted_weights", "linear_weights", "weight_pairs"]
+from ..naming import parse_module_path
 
-_LAYER_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+__all__ = ["adapted_weights", "linear_weights", "weight_pairs"]
 
 
 def linear_weights(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -32,7 +31,7 @@ def linear_weights(model: nn.Module, names: Iterable[str] | None = None) -> dict
     for name, module in model.named_modules():
         if wanted is not None and name not in wanted:
             continue
-        if wanted is None and not _LAYER_INDEX.search(name):
+        if wanted is None and not parse_module_path(name).indices:
             continue
         if isinstance(module, Conv1D):
             result[name] = module.weight.detach().T

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +81,7 @@ def _saved_context(args: argparse.Namespace, overrides: dict[str, Any]):
 
 def run_eval(args: argparse.Namespace) -> int:
     """``pica eval``: evaluate a saved adapter (any method) or model on a task."""
+    from ..io import atomic_directory
     from ..recipes.config import RecipeError, resolve_recipe
     from ..recipes.harness import PreparedRun, evaluate_model
     from ..recipes.models import load_tokenizer
@@ -121,16 +121,10 @@ def run_eval(args: argparse.Namespace) -> int:
               "eval_seconds": round(time.perf_counter() - started, 2)}
     print(json.dumps(result, indent=2))
     if output_dir:
-        out = Path(output_dir)
-        staging = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        write_json(staging / "results.json", result)
-        (staging / "predictions.jsonl").write_text(
-            "".join(json.dumps(p, default=str) + "\n" for p in evaluation["predictions"]), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        with atomic_directory(output_dir, recipe.overwrite, "output_dir") as staging:
+            write_json(staging / "results.json", result)
+            (staging / "predictions.jsonl").write_text(
+                "".join(json.dumps(p, default=str) + "\n" for p in evaluation["predictions"]), encoding="utf-8")
     return 0
 
 

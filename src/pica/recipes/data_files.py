@@ -18,6 +18,15 @@ def iter_rows(path: str | os.PathLike, *, encoding: str = "utf-8",
     """Yield ``(location, row)``: location is ``"<file>:<line>"`` (JSONL/CSV, 1-based) or
     ``"<file>[<index>]"`` (JSON list, 0-based index).
 
+    The one reader of local data rows: ``classify`` and the generative tasks
+    (:func:`pica.recipes.tasks.generative.read_records`) both read through it. The suffix is matched
+    case-insensitively.
+
+    Args:
+        path: a ``.jsonl``, ``.json`` (a list of objects) or ``.csv`` file.
+        encoding: text encoding of the file.
+        allow_csv: accept ``.csv`` files.
+
     Raises:
         FileNotFoundError: naming the path.
         ValueError: unknown suffix, unparsable line/file, or a row that is not an object (naming
@@ -27,12 +36,13 @@ def iter_rows(path: str | os.PathLike, *, encoding: str = "utf-8",
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffixes = DATA_SUFFIXES if allow_csv else (".jsonl", ".json")
-    if path.suffix not in suffixes:
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {list(suffixes)}")
     try:
-        if path.suffix == ".jsonl":
+        if suffix == ".jsonl":
             yield from _jsonl(path, encoding)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             yield from _json_list(path, encoding)
         else:
             yield from _csv(path, encoding)

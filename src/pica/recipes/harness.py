@@ -3,13 +3,13 @@ transformers ``Trainer`` (no hand-written loop, collator, scheduler or checkpoin
 
 Everything that can fail on bad input (recipe, task, data rows, model path, output directory) is
 checked in :func:`prepare` before anything is written. Outputs are built in a hidden sibling
-directory and renamed into place at the end, so a failed run leaves no partial output directory.
+directory and renamed into place at the end (:func:`pica.io.atomic_directory`), so a failed run
+leaves no partial output directory.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,9 +22,10 @@ import yaml
 from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
                           set_seed)
 
+from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError
-from .measure import PeakMemory, projector_progress, single_cpu_thread
+from .measure import PeakMemory, projector_progress
 from .methods import apply_method, default_head_modules, parameter_split
 from .models import load_base_model, load_tokenizer
 from .results import format_table, plot_comparison, plot_loss, summarize, write_json
@@ -150,8 +151,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             model = _load_model(prepared, recipe)
             heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
             init_started = time.perf_counter()
-            on_cpu = next(model.parameters()).device.type == "cpu"
-            with projector_progress(progress), single_cpu_thread(on_cpu and method == "pica"):
+            with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
                 model = apply_method(model, method, recipe, kind, heads)
             init_seconds = time.perf_counter() - init_started
             params = parameter_split(model, heads)
@@ -217,14 +217,13 @@ def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
 
 
 def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
-    """Every method × seed of the recipe; writes the output directory atomically; returns results."""
+    """Every method × seed of the recipe; writes the output directory atomically; returns results.
+
+    The output is built with :func:`pica.io.atomic_directory`: a failed run leaves no partial
+    directory, and with ``overwrite`` the old output is replaced only once the new one is complete.
+    """
     recipe = prepared.recipe
-    output = Path(recipe.output_dir).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic_directory(Path(recipe.output_dir).resolve(), recipe.overwrite, "output_dir") as staging:
         resolved = {**recipe.to_dict(), "task_options": prepared.options}
         (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         runs = []
@@ -240,19 +239,4 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
                    "runs": runs, "table": table}
         write_json(staging / "results.json", results)
         (staging / "table.txt").write_text(table + "\n", encoding="utf-8")
-        _publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return results
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move ``staging`` to ``output``, replacing an old ``output`` only once the new one is complete."""
-    trash = None
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, trash)
-    os.replace(staging, output)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)

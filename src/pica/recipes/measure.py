@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "projector_progress", "single_cpu_thread"]
+__all__ = ["PeakMemory", "projector_progress"]
 
 
 def _rss_bytes() -> int:
@@ -110,20 +110,3 @@ def projector_progress(enabled: bool = True) -> Iterator[None]:
         handler.close()
         logging.getLogger(__name__).debug("projector init %.2f s", time.perf_counter() - started)
 
-
-@contextlib.contextmanager
-def single_cpu_thread(enabled: bool = True) -> Iterator[None]:
-    """Run the block with one torch CPU thread (restored afterwards).
-
-    Used around PiCa's projector init on CPU: its many small symmetric eigensolves gain nothing from
-    threads, and after a Trainer run in the same process we measured the 2-thread eigensolver of a
-    (384, 384) Gram matrix at ~0.7 s per call against ~0.005 s with one thread (all-MiniLM-L6-v2:
-    36 projectors, 27-67 s → 0.5 s on 2 shared cores).
-    """
-    previous = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

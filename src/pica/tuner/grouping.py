@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ..naming import parse_module_path
+
 __all__ = ["group_of", "update_key", "validate_groups"]
 
 
@@ -25,7 +27,7 @@ def group_of(module_name: str, share_across_layers: bool) -> str:
     """
     if not share_across_layers:
         return module_name
-    return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
+    return parse_module_path(module_name).role
 
 
 def update_key(group: str) -> str:

@@ -65,7 +65,7 @@ def _label(value: Any, location: str, field: str) -> int | float | str:
 
 def _rows(source: str | os.PathLike, encoding: str):
     path = Path(source)
-    if path.exists() or path.suffix in DATA_SUFFIXES:
+    if path.exists() or path.suffix.lower() in DATA_SUFFIXES:
         yield from iter_rows(path, encoding=encoding)
         return
     spec, _, split = str(source).partition("@")

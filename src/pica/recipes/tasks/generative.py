@@ -1,7 +1,8 @@
 """Shared pieces of the generative (instruction → response) tasks: ``math`` and ``commonsense``.
 
 * Reading local ``.json`` (a list of objects) / ``.jsonl`` (one object per line) files with errors that
-  name the file and the 1-based line (or the 0-based row index of a ``.json`` list).
+  name the file and the 1-based line, ``<file>:<line>`` (or the 0-based row index of a ``.json``
+  list, ``<file>[<index>]``), through :func:`pica.recipes.data_files.iter_rows`.
 * The Alpaca prompt. PiCa's official code (github hjunseoh/PiCa, ``MetaMath/train_math.py`` and the
   LLM-Adapters scripts) uses the Stanford Alpaca instruction template, with and without an ``### Input:``
   section, the response written right after ``### Response:``. The LLM-Adapters copies carry
@@ -15,16 +16,17 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import GenerationConfig
+
+from ..data_files import iter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -54,58 +56,23 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the 
 def read_records(source: str | os.PathLike, *, limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
     """Read the objects of a ``.jsonl`` or ``.json`` file, each with a location for error messages.
 
+    The rows come from :func:`pica.recipes.data_files.iter_rows` (the package's one row reader).
+
     Args:
         source: path of a ``.jsonl`` file (blank lines skipped) or a ``.json`` file holding a list.
         limit: stop after this many records.
 
     Returns:
-        ``[(location, record), ...]`` where ``location`` reads ``"<path> line <n>"`` (1-based) or
-        ``"<path> row <i>"`` (0-based index in the JSON list).
+        ``[(location, record), ...]`` where ``location`` reads ``"<path>:<n>"`` (1-based line) or
+        ``"<path>[<i>]"`` (0-based index in the JSON list).
 
     Raises:
         FileNotFoundError: ``source`` does not exist (the message names it).
         ValueError: unknown extension, invalid JSON, or a record that is not an object.
     """
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    suffix = path.suffix.lower()
-    records: list[tuple[str, dict[str, Any]]] = []
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if limit is not None and len(records) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                where = f"{path} line {line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
-                records.append((where, _require_object(record, where)))
-    elif suffix == ".json":
-        try:
-            with path.open(encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {error.lineno}: invalid JSON ({error.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
-        for index, record in enumerate(data[:limit] if limit is not None else data):
-            where = f"{path} row {index}"
-            records.append((where, _require_object(record, where)))
-    else:
-        raise ValueError(f"{path}: unsupported data file extension {path.suffix!r} (use .jsonl or .json)")
-    return records
-
-
-def _require_object(record: Any, where: str) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
+    return list(itertools.islice(iter_rows(source, allow_csv=False), limit))
 
 
 def require_text(record: dict[str, Any], field: str, where: str, *, allow_empty: bool = False) -> str:
