@@ -46,7 +46,7 @@ from pica.recipes.methods import target_modules_for  # noqa: E402
 from pica.recipes.models import load_base_model  # noqa: E402
 from pica.recipes.results import write_json  # noqa: E402
 from pica.recipes.tasks.math import gsm8k_path  # noqa: E402
-from pica.tuner.grouping import group_of  # noqa: E402
+from pica.grouping import group_of  # noqa: E402
 
 logger = logging.getLogger("decoder_quality")
 

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from pica.naming import ModulePath, parse_module_path
-from pica.tuner.grouping import group_of
+from pica.grouping import group_of
 
 NAMES = [
     ("model.layers.3.self_attn.q_proj", "model.layers.*.self_attn.q_proj", (3,)),

@@ -7,7 +7,7 @@ import torch
 from pica import PiCaConfig
 from pica.projector import top_right_singular_vectors
 from pica.tuner.layer import base_weight_out_in
-from pica.tuner.plan import random_orthonormal_rows
+from pica.random_subspace import random_orthonormal_rows
 
 from tests.conftest import example_inputs, make_llama, model_output, pica_layers, randomize_updates
 

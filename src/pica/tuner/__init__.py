@@ -1,10 +1,11 @@
-"""PEFT integration of PiCa: config, layer, tuner model, registration."""
+"""PEFT integration of PiCa: config, layer, tuner model; importing it registers PiCa with peft."""
 
 from .config import PiCaConfig
+from .integration import install as _install_peft_integration
 from .layer import Linear, PiCaLayer
 from .model import PiCaModel
-from .integration import install as _install_peft_integration
-from .registration import PICA_PEFT_TYPE, register
+from .peft_type import PICA_PEFT_TYPE
+from .registration import register
 
 register()
 _install_peft_integration()

@@ -20,8 +20,8 @@ import re
 import torch
 from torch import nn
 
-from .compact import projector_sketch
-from .grouping import group_of, update_key
+from ..grouping import group_of, update_key
+from ..sketch import projector_sketch
 from .layer import pica_layers
 
 __all__ = ["LAYER_TENSORS", "UPDATE_PREFIX", "select_for_save", "to_model_keys"]

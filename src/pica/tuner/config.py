@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import PICA_PEFT_TYPE
+from .peft_type import PICA_PEFT_TYPE
 
 __all__ = ["PiCaConfig"]
 

@@ -39,6 +39,7 @@ from peft import PeftModel
 from peft.utils.constants import CONFIG_NAME
 
 from ..io import atomic_directory_update
+from .config import PiCaConfig
 from .loading import call_arguments, load_checked, refuse_transformers_load_adapter, validated_weights
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ _ORIGINAL = "__pica_original__"
 
 
 def _save_pretrained(original: Callable, self: PeftModel, *args: Any, **kwargs: Any) -> None:
-    from .config import PiCaConfig
-
     values = call_arguments(original, self, *args, **kwargs)
     values.pop("self")
     save_directory = values["save_directory"]

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file
@@ -50,10 +51,11 @@ from torch import nn
 
 from ..io import AdapterFileError, check_safetensors_file, read_json_object
 from ..projector import FINGERPRINT_SIZE
-from . import compact
+from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
 from .adapter_state import UPDATE_PREFIX, _module_name
-from .layer import FINGERPRINT_TOLERANCE, pica_layers
-from .registration import PICA_PEFT_TYPE
+from .layer import FINGERPRINT_TOLERANCE, base_weight_out_in, pica_layers
+from .config import PiCaConfig
+from .peft_type import PICA_PEFT_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +110,6 @@ def validate_adapter_directory(path: str | os.PathLike) -> bool:
         AdapterFileError: missing directory/config/weights, config not JSON or not a valid
             ``PiCaConfig`` (naming the field), truncated/empty/corrupt safetensors.
     """
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    from .config import PiCaConfig
-
     path = Path(path)
     if not path.is_dir():
         raise AdapterFileError(f"adapter directory {path} does not exist")
@@ -135,8 +133,6 @@ def validate_adapter_directory(path: str | os.PathLike) -> bool:
 
 def _pica_adapter(values: dict[str, Any]) -> tuple[Path, Any] | None:
     """(local directory, config) if the call loads a PiCa adapter, else None (Hub files are downloaded)."""
-    from .config import PiCaConfig
-
     model_id, subfolder, config = values["model_id"], values.get("subfolder"), values.get("config")
     if config is not None and not isinstance(config, PiCaConfig):
         return None
@@ -170,8 +166,8 @@ def check_tensor(key: str, tensor: torch.Tensor, rank: int) -> str | None:
             return f"{key}: M has shape {tuple(tensor.shape)}, expected (out_features, {rank})"
     elif leaf == "pica_fingerprint" and tuple(tensor.shape) != (FINGERPRINT_SIZE,):
         return f"{key}: fingerprint has shape {tuple(tensor.shape)}, expected ({FINGERPRINT_SIZE},)"
-    elif leaf == "pica_sketch" and tuple(tensor.shape) != (rank, compact.SKETCH_SIZE):
-        return f"{key}: sketch has shape {tuple(tensor.shape)}, expected ({rank}, {compact.SKETCH_SIZE})"
+    elif leaf == "pica_sketch" and tuple(tensor.shape) != (rank, SKETCH_SIZE):
+        return f"{key}: sketch has shape {tuple(tensor.shape)}, expected ({rank}, {SKETCH_SIZE})"
     elif leaf == "pica_P":
         if tensor.ndim != 2 or tensor.shape[0] != rank:
             return f"{key}: P has shape {tuple(tensor.shape)}, expected ({rank}, in_features)"
@@ -281,7 +277,7 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
         elif config.projector_storage == "compact":
             sketch_key = f"{name}.pica_sketch"
             consumed.add(sketch_key)
-            compact.load_from_sketch(problems, result, name, layer, adapter_name, p_key, result.pop(sketch_key, None))
+            _align_projector(problems, result, name, layer, adapter_name, p_key, result.pop(sketch_key, None))
         else:
             result[p_key] = layer.pica_P[adapter_name]
     auxiliary = tuple(_module_name(name) + "." for name, module in model.named_modules()
@@ -296,6 +292,24 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
     if problems:
         raise ValueError(f"Cannot load PiCa adapter '{adapter_name}': " + "; ".join(problems[:8]))
     return result
+
+
+def _align_projector(problems: list[str], state_dict: dict[str, torch.Tensor], name: str, layer, adapter_name: str,
+                     p_key: str, sketch: torch.Tensor | None) -> None:
+    """Compact storage: put the ``P`` recomputed at injection, aligned to its saved ``(rank, SKETCH_SIZE)``
+    sketch, under ``p_key``; or record in ``problems`` why not (sketch missing, or missed)."""
+    if sketch is None:
+        problems.append(f"{name}: projector sketch missing (projector_storage='compact')")
+        return
+    weight = base_weight_out_in(layer.get_base_layer())  # (out, in)
+    if weight.is_meta:
+        return
+    aligned, residual = align_to_sketch(layer.pica_P[adapter_name], weight, sketch)
+    if not residual <= SKETCH_TOLERANCE:
+        problems.append(f"{name}: projector recomputed from this base misses the saved sketch (residual "
+                        f"{residual:.3g} > {SKETCH_TOLERANCE:g}); save with projector_storage='full' to load here")
+        return
+    state_dict[p_key] = aligned
 
 
 # ------------------------------------------------------------------------------- 3. restore on error
@@ -376,8 +390,6 @@ def refuse_transformers_load_adapter(original: Callable, self: nn.Module, peft_m
     Raises:
         ValueError: ``peft_model_id`` or ``peft_config`` is a PiCa adapter; points to ``PeftModel.from_pretrained``.
     """
-    from .config import PiCaConfig
-
     config = kwargs.get("peft_config")
     local = _local_path(peft_model_id, (kwargs.get("adapter_kwargs") or {}).get("subfolder")) if peft_model_id else None
     if isinstance(config, PiCaConfig) or (config is None and local is not None and validate_adapter_directory(local)):

@@ -2,7 +2,7 @@
 
 Each adapter's trainable ``M`` per group is registered once, here, in ``self.pica_M[adapter][key]``
 (an ``nn.ModuleDict`` of ``nn.ParameterDict``; ``key`` is the group with ``/`` for ``.``, see
-:func:`pica.tuner.grouping.update_key`). Layers look it up at each use. In a ``PeftModel`` the
+:func:`pica.grouping.update_key`). Layers look it up at each use. In a ``PeftModel`` the
 parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it as
 ``base_model.pica_M.<key>`` (peft removes the adapter name), see :mod:`pica.tuner.adapter_state`.
 """
@@ -20,7 +20,7 @@ from . import adapter_state, loading
 from .config import PiCaConfig
 from .layer import Linear, PiCaLayer, pica_layers
 from .plan import AdapterPlan, plan_adapter
-from .registration import PICA_PREFIX
+from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
 
 __all__ = ["PiCaModel"]

@@ -6,7 +6,6 @@ model exactly as it was.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Mapping
@@ -18,14 +17,15 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..projector import FINGERPRINT_SIZE, canonicalize_signs, weight_fingerprint
+from ..projector import FINGERPRINT_SIZE, weight_fingerprint
 from ..projector_batch import top_right_singular_vectors_many
-from .grouping import group_of, update_key, validate_groups
+from ..grouping import group_of, update_key, validate_groups
+from ..random_subspace import random_orthonormal_rows
 from .layer import base_weight_out_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterPlan", "LayerPlan", "plan_adapter", "random_orthonormal_rows"]
+__all__ = ["AdapterPlan", "LayerPlan", "plan_adapter"]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LayerPlan:
     """What one targeted layer receives.
 
     Attributes:
-        group_key: key of the group's ``M`` (:func:`pica.tuner.grouping.update_key` of the role, or of
+        group_key: key of the group's ``M`` (:func:`pica.grouping.update_key` of the role, or of
             the module name when unshared).
         projector: ``(rank, in_features)`` frozen ``P``.
         fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
@@ -50,22 +50,6 @@ class AdapterPlan:
 
     layers: dict[str, LayerPlan]
     updates: dict[str, nn.Parameter]
-
-
-def random_orthonormal_rows(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
-    """A random ``P`` with orthonormal rows, a deterministic function of ``(seed, name)``.
-
-    Drawn on the CPU in float64 (Gaussian, then QR), so it is the same on every machine and at every
-    load; signs canonicalised like the top subspace. Used by ``PiCaConfig(subspace="random")``.
-
-    Returns:
-        ``(rank, in_features)`` float32 tensor on the CPU.
-    """
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    gaussian = torch.randn(in_features, rank, generator=generator, dtype=torch.float64)  # (in, rank)
-    basis, _ = torch.linalg.qr(gaussian)  # (in, rank), orthonormal columns
-    return canonicalize_signs(basis.T.contiguous()).float()  # (rank, in_features)
 
 
 def _candidates(model: nn.Module) -> list[str]:

@@ -1,33 +1,27 @@
-"""Everything that registers PiCa with ``peft`` lives here (one place to fix on peft upgrades).
+"""Registering PiCa's config and tuner with ``peft`` (one place to fix on peft upgrades).
 
-peft 0.21 keeps a ``PeftType`` str-enum and four mapping dicts filled by ``register_peft_method``.
-We add the enum member ``PICA`` (``aenum.extend_enum``) and register the config/tuner classes once;
-importing ``pica`` twice (or reloading) is a no-op.
+peft 0.21 fills four mapping dicts in ``register_peft_method``; registering twice (a second import
+or a reload) is a no-op, and a different method already registered under ``PICA`` is an error.
 """
 
 from __future__ import annotations
 
-import aenum
-from peft.utils.peft_types import PeftType
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 
-__all__ = ["PICA_NAME", "PICA_PEFT_TYPE", "PICA_PREFIX", "register"]
+from .config import PiCaConfig
+from .model import PiCaModel
+from .peft_type import PICA_NAME, PICA_PEFT_TYPE, PICA_PREFIX
 
-PICA_NAME = "pica"
-PICA_PREFIX = "pica_"
-
-if not hasattr(PeftType, PICA_NAME.upper()):
-    aenum.extend_enum(PeftType, PICA_NAME.upper(), PICA_NAME.upper())
-PICA_PEFT_TYPE: PeftType = getattr(PeftType, PICA_NAME.upper())
+__all__ = ["PICA_PEFT_TYPE", "register"]
 
 
 def register() -> None:
-    """Register PiCa's config and tuner with peft (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
+    """Register PiCa's config and tuner with peft (idempotent).
 
-    from .config import PiCaConfig
-    from .model import PiCaModel
-
+    Raises:
+        RuntimeError: peft already has another method registered as ``PICA``.
+    """
     registered_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(PICA_PEFT_TYPE)
     if registered_config is not None:
         if registered_config.__name__ != PiCaConfig.__name__ or PEFT_TYPE_TO_TUNER_MAPPING.get(PICA_PEFT_TYPE) is None:

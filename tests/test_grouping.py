@@ -1,6 +1,6 @@
 import pytest
 
-from pica.tuner.grouping import group_of, validate_groups
+from pica.grouping import group_of, validate_groups
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Compact projector storage: a small sketch of each ``P`` instead of ``P`` itself.
+"""Compact projector storage: a small sketch of each ``P`` instead of ``P`` itself (pure torch).
 
 ``P (rank×in)`` is most of a PiCa adapter's size (Gemma-2B, rank 256: 113M values for ``P`` vs
 5.37M for ``M``). In compact storage the file keeps, per layer, only the sketch ``S = P Ωᵀ``
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer import base_weight_out_in
-
-__all__ = ["CLUSTER_GAP", "SKETCH_SIZE", "SKETCH_TOLERANCE", "align_to_sketch", "load_from_sketch", "projector_sketch"]
+__all__ = ["CLUSTER_GAP", "SKETCH_SIZE", "SKETCH_TOLERANCE", "align_to_sketch", "projector_sketch"]
 
 SKETCH_SIZE = 32
 """Columns of the sketch per layer (stored: ``rank × SKETCH_SIZE`` float32 values per layer)."""
@@ -101,30 +99,3 @@ def align_to_sketch(
     aligned = rotation @ exact  # (rank, in)
     residual = float(torch.linalg.vector_norm(aligned @ omega.T - saved, dim=1).max())
     return aligned.to(projector.dtype), residual
-
-
-def load_from_sketch(problems: list[str], state_dict: dict[str, torch.Tensor], name: str, layer, adapter_name: str,
-                     p_key: str, sketch: torch.Tensor | None) -> None:
-    """Put the recomputed ``P`` of one layer, aligned to its saved sketch, under ``p_key``, or record why not.
-
-    Args:
-        problems: list receiving a message naming the module if the sketch is missing or missed.
-        state_dict: the adapter tensors being loaded (edited in place).
-        name: module name.
-        layer: the injected PiCa layer, whose ``pica_P[adapter_name]`` was just recomputed.
-        adapter_name: adapter being loaded.
-        p_key: state-dict key of this layer's ``P``.
-        sketch: the saved ``(rank, SKETCH_SIZE)`` sketch, or None if the file has none.
-    """
-    if sketch is None:
-        problems.append(f"{name}: projector sketch missing (projector_storage='compact')")
-        return
-    weight = base_weight_out_in(layer.get_base_layer())  # (out, in)
-    if weight.is_meta:
-        return
-    aligned, residual = align_to_sketch(layer.pica_P[adapter_name], weight, sketch)
-    if not residual <= SKETCH_TOLERANCE:
-        problems.append(f"{name}: projector recomputed from this base misses the saved sketch (residual "
-                        f"{residual:.3g} > {SKETCH_TOLERANCE:g}); save with projector_storage='full' to load here")
-        return
-    state_dict[p_key] = aligned

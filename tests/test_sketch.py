@@ -8,7 +8,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from pica import PiCaConfig, top_right_singular_vectors
-from pica.tuner.compact import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch, projector_sketch
+from pica.sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch, projector_sketch
 from tests.conftest import example_inputs, make_gpt2, make_llama, model_output, pica_layers, randomize_updates
 
 FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}

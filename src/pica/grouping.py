@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from ..naming import parse_module_path
+from .naming import parse_module_path
 
 __all__ = ["group_of", "update_key", "validate_groups"]
 

@@ -1,0 +1,45 @@
+"""The maths is usable without peft and transformers (DESIGN §2: the leaves stay importable)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_leaves_import_and_compute_with_peft_and_transformers_blocked():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["peft"] = sys.modules["transformers"] = None  # any import of them fails
+        import torch
+        import pica.projector, pica.projector_batch, pica.functional, pica.io, pica.sketch, pica.grouping
+        import pica.naming, pica.random_subspace
+        weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+        projector = pica.projector.top_right_singular_vectors(weight, 3)  # (3, 8)
+        assert projector.shape == (3, 8)
+        assert torch.allclose(projector @ projector.T, torch.eye(3), atol=1e-5)
+        update = torch.zeros(12, 3)
+        assert torch.equal(pica.functional.pica_delta(torch.ones(2, 8), projector, update), torch.zeros(2, 12))
+        assert pica.grouping.group_of("model.layers.3.q_proj", True) == "model.layers.*.q_proj"
+        assert "peft" not in [m for m in sys.modules if sys.modules[m] is not None]
+        try:
+            pica.PiCaConfig
+        except ImportError:
+            print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_import_pica_registers_the_method_with_peft():
+    script = "import pica, peft; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; " \
+             "assert m[pica.PICA_PEFT_TYPE] is pica.PiCaConfig; print('ok')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
