@@ -14,6 +14,7 @@ without an active exception" (SIGABRT) after training has finished.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -27,6 +28,9 @@ from transformers import Trainer, TrainingArguments
 
 import pica
 from tests.conftest import make_llama
+
+
+HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
 
 
 def updates_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -64,4 +68,5 @@ def main(out_dir: str, global_batch: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)  # a hang: every thread's stack, then exit
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
