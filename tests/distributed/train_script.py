@@ -1,14 +1,20 @@
 """Train a tiny Llama with PiCa through transformers ``Trainer``; launched by ``torchrun`` from the tests.
 
-Usage: ``torchrun --nproc_per_node=K -m tests.distributed.train_script OUT_DIR GLOBAL_BATCH STEPS [MODE]``.
-Each process gets ``GLOBAL_BATCH / K`` sequences per step (gloo backend, CPU). Rank 0 writes
-``OUT_DIR/run.json`` (losses, world size, wrapper class); every rank writes
-``OUT_DIR/updates_rank{RANK}.safetensors`` (every distinct ``M``). ``MODE`` is
-``ddp`` (default) or ``fsdp`` (``FSDP_POLICY`` env: ``transformer_layer`` or ``none``).
+Usage: ``torchrun --nproc_per_node=K -m tests.distributed.train_script OUT_DIR GLOBAL_BATCH STEPS``.
+Each process gets ``GLOBAL_BATCH / K`` sequences per step (gloo backend, CPU; ``Trainer`` wraps the
+model in DDP). Rank 0 writes ``OUT_DIR/run.json`` (losses, world size, wrapper class); every rank writes
+``OUT_DIR/updates_rank{RANK}.safetensors`` (every distinct ``M``, by parameter name). FSDP is not
+run through ``Trainer`` here: with ``use_cpu=True`` it ignores ``fsdp`` (see ``fsdp_script``).
+
+The script ends with a barrier and ``Trainer.end()`` (which destroys the process group). Without it
+the gloo process group outlives ``main`` and is torn down during interpreter shutdown, while its
+background threads may still be running; a worker then occasionally aborts with "terminate called
+without an active exception" (SIGABRT) after training has finished.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -21,12 +27,18 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 import pica
-from tests.conftest import make_llama, pica_layers
+from tests.conftest import make_llama
 
 
-def updates_by_group(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {layer.pica_group["default"]: layer.get_update("default").detach().clone()
-            for layer in pica_layers(model).values()}
+HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
+
+
+def updates_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every distinct ``M`` by parameter name (``named_parameters`` lists a shared one once)."""
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if "pica_M" in name}
+
+
+updates_by_group = updates_by_name  # tests/test_resume.py compares these by key; names work before and after M moves
 
 
 def token_dataset(size: int = 64, length: int = 12) -> Dataset:
@@ -35,29 +47,29 @@ def token_dataset(size: int = 64, length: int = 12) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def main(out_dir: str, global_batch: int, steps: int, mode: str = "ddp") -> None:
+def main(out_dir: str, global_batch: int, steps: int) -> None:
+    """Train ``steps`` steps of ``global_batch`` sequences split over the processes; write the results."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = get_peft_model(make_llama(), pica.PiCaConfig(rank=4))
-    extra = {}
-    if mode == "fsdp":
-        policy = os.environ.get("FSDP_POLICY", "transformer_layer")
-        extra = {"fsdp": "full_shard", "fsdp_config": {"cpu_ram_efficient_loading": False, "use_orig_params": True,
-                 **({"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]} if policy == "transformer_layer" else {})}}
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=global_batch // world, max_steps=steps, learning_rate=1e-2,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0, disable_tqdm=True, **extra,
+        ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset())
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_file(updates_by_group(trainer.model), os.path.join(out_dir, f"updates_rank{rank}.safetensors"))
+    save_file(updates_by_name(trainer.model), os.path.join(out_dir, f"updates_rank{rank}.safetensors"))
     if trainer.is_world_process_zero():
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         Path(out_dir, "run.json").write_text(json.dumps(
             {"losses": losses, "world_size": world, "wrapper": type(trainer.model_wrapped).__name__}))
+    trainer.accelerator.wait_for_everyone()  # every rank has written its files
+    trainer.end()  # destroys the process group (a no-op without torch.distributed)
+    assert not torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *(sys.argv[4:5]))
+    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)  # a hang: every thread's stack, then exit
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

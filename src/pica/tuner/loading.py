@@ -260,8 +260,9 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
         return None
 
     layers = list(pica_layers(model, adapter_name))
-    for key, update in (layers[0][1]._pica_updates[adapter_name].items() if layers else ()):
-        need(f"{UPDATE_PREFIX}{adapter_name}.{key}", f"M of group '{key}'", tuple(update.shape))
+    groups = {layer.pica_group[adapter_name]: (layer.out_features, layer.rank[adapter_name]) for _, layer in layers}
+    for key, shape in groups.items():  # shapes from the layers: under FSDP the live M may be a flat shard
+        need(f"{UPDATE_PREFIX}{adapter_name}.{key}", f"M of group '{key}'", shape)
     for name, layer in layers:
         name = _module_name(name)
         stored = need(f"{name}.pica_fingerprint.{adapter_name}", f"{name}: fingerprint", (FINGERPRINT_SIZE,))
@@ -291,6 +292,11 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
                            f"{len(mismatched)} module(s): {', '.join(mismatched[:6])}")
     if problems:
         raise ValueError(f"Cannot load PiCa adapter '{adapter_name}': " + "; ".join(problems[:8]))
+    if not any(name.startswith("base_model.model.") for name, _ in model.named_parameters()):
+        raise ValueError(  # peft 0.21.2 would strip "base_model.model." from every key: P, fingerprints not loaded
+            f"Cannot load PiCa adapter '{adapter_name}' into {type(model).__name__}: its parameter names hide the "
+            "PeftModel's, so peft would drop the per-layer tensors. Under FSDP1 call set_peft_model_state_dict inside "
+            "FullyShardedDataParallel.summon_full_params(model), or load before wrapping.")
     return result
 
 
