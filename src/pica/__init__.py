@@ -25,8 +25,11 @@ _LAZY = {  # name → module that defines it (imported on first use: it needs pe
     "export_lora": "export", "export_merged": "export",
 }
 
-__all__ = sorted([*_LAZY, "__version__", "canonicalize_signs", "delta_weight", "pica_delta",
-                  "top_right_singular_vectors", "top_right_singular_vectors_many", "weight_fingerprint"])
+__all__ = [  # noqa: F822  (the first six are resolved by __getattr__)
+    "PICA_PEFT_TYPE", "PiCaConfig", "PiCaLayer", "PiCaModel", "export_lora", "export_merged",
+    "__version__", "canonicalize_signs", "delta_weight", "pica_delta", "top_right_singular_vectors",
+    "top_right_singular_vectors_many", "weight_fingerprint",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -38,7 +41,7 @@ def __getattr__(name: str) -> Any:
 
 
 try:
-    from . import tuner as _tuner  # registers PiCa with peft and installs the load/save integration
+    from . import tuner  # noqa: F401  (registers PiCa with peft, installs the load/save integration)
 except ModuleNotFoundError as _error:
     if (_error.name or "").split(".")[0] not in ("peft", "transformers"):
         raise

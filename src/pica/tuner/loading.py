@@ -3,11 +3,12 @@
 ``PeftModel.from_pretrained(base, path)`` and ``peft_model.load_adapter(path, name)`` of a PiCa
 adapter run :func:`load_checked` (installed around both by :mod:`pica.tuner.integration`):
 
-1. **Validate before building.** :func:`read_adapter` checks the directory, ``adapter_config.json``
+1. **Validate before building.** :func:`pica.tuner.adapter_dir.pica_adapter` and :func:`read_adapter`
+   check the directory, ``adapter_config.json``
    (a valid ``PiCaConfig``) and every tensor of ``adapter_model.safetensors``: a complete file,
    floating dtypes, finite values, shapes that fit the config's rank, ``P`` rows orthonormal to
    :data:`ORTHONORMAL_TOLERANCE`. Nothing has been built yet, so an error changes nothing.
-2. **Build and load,** inside :func:`restore_on_error`, with the validated tensors published to
+2. **Build and load,** inside :func:`pica.module_state.restore_on_error`, with the validated tensors published to
    this thread (:func:`projectors_being_loaded`, the one context variable):
 
    a. peft injects the layers; :meth:`PiCaModel.inject_adapter` takes every ``P`` from the file
@@ -18,7 +19,7 @@ adapter run :func:`load_checked` (installed around both by :mod:`pica.tuner.inte
       :func:`check_for_model`: each ``M``, ``P`` and fingerprint the layers need is there with its
       shape, every fingerprint matches this base, compact sketches are matched, and no tensor is
       left that the config does not account for.
-3. **Restore on any error.** :func:`restore_on_error` puts the model back exactly (module tree,
+3. **Restore on any error.** ``restore_on_error`` puts the model back exactly (module tree,
    parameters, buffers, hooks, attributes, ``requires_grad``, training flags) and the error is raised
    as :class:`pica.io.AdapterFileError` naming the adapter.
 
@@ -31,36 +32,33 @@ which keeps no tuner, and PiCa's shared ``M`` lives on the tuner.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import inspect
 import logging
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft.config import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import AdapterFileError, check_safetensors_file, read_json_object
+from ..io import AdapterFileError, check_safetensors_file
+from ..module_state import restore_on_error
 from ..projector import FINGERPRINT_SIZE
 from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
+from .adapter_dir import local_path, pica_adapter, validate_adapter_directory
 from .adapter_state import UPDATE_PREFIX, _module_name
-from .layer import FINGERPRINT_TOLERANCE, base_weight_out_in, pica_layers
 from .config import PiCaConfig
-from .peft_type import PICA_PEFT_TYPE
+from .layer import FINGERPRINT_TOLERANCE, base_weight_out_in, pica_layers
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ORTHONORMAL_TOLERANCE", "call_arguments", "check_for_model", "load_checked", "projectors_being_loaded",
-           "read_adapter", "refuse_transformers_load_adapter", "restore_on_error", "validate_adapter_directory",
+           "read_adapter", "refuse_transformers_load_adapter",
            "validated_weights"]
 
 ORTHONORMAL_TOLERANCE = 1e-4
@@ -87,71 +85,6 @@ def call_arguments(function: Callable, *args: Any, **kwargs: Any) -> dict[str, A
 
 
 # ------------------------------------------------------------------------------- 1. validate files
-
-
-def _local_path(model_id: str | os.PathLike, subfolder: str | None) -> Path | None:
-    """The local adapter directory meant by ``model_id``, or None for a Hub repository id."""
-    looks_local = isinstance(model_id, os.PathLike) or os.path.isabs(model_id) or str(model_id).startswith((".", "~"))
-    path = Path(os.path.expanduser(str(model_id)))
-    if not (looks_local or path.exists()):
-        return None
-    if not path.is_dir():
-        raise AdapterFileError(f"adapter directory {path} does not exist" if not path.exists() else
-                               f"{path} is a file; give the adapter directory that holds {CONFIG_NAME}")
-    return path / subfolder if subfolder else path
-
-
-def validate_adapter_directory(path: str | os.PathLike) -> bool:
-    """Check a local adapter directory's config and weights file; True if it holds a PiCa adapter.
-
-    Non-PiCa adapters are only checked for a readable JSON config with a known ``peft_type``.
-
-    Raises:
-        AdapterFileError: missing directory/config/weights, config not JSON or not a valid
-            ``PiCaConfig`` (naming the field), truncated/empty/corrupt safetensors.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterFileError(f"adapter directory {path} does not exist")
-    config_file = path / CONFIG_NAME
-    peft_type = read_json_object(config_file).get("peft_type")
-    if peft_type is None:
-        raise AdapterFileError(f"{config_file}: field 'peft_type' is missing")
-    known = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
-    if not isinstance(peft_type, str) or peft_type not in known:
-        raise AdapterFileError(f"{config_file}: field 'peft_type' is {peft_type!r}, not a known PEFT method "
-                               f"(PiCa adapters have {PICA_PEFT_TYPE.value!r})")
-    if peft_type != PICA_PEFT_TYPE.value:
-        return False
-    try:
-        PiCaConfig.from_pretrained(str(path))
-    except (ValueError, TypeError) as error:
-        raise AdapterFileError(f"{config_file}: {error}") from error
-    check_safetensors_file(path / SAFETENSORS_WEIGHTS_NAME)
-    return True
-
-
-def _pica_adapter(values: dict[str, Any]) -> tuple[Path, Any] | None:
-    """(local directory, config) if the call loads a PiCa adapter, else None (Hub files are downloaded)."""
-    model_id, subfolder, config = values["model_id"], values.get("subfolder"), values.get("config")
-    if config is not None and not isinstance(config, PiCaConfig):
-        return None
-    path = _local_path(model_id, subfolder)
-    if path is None:  # a Hub id: peft's own resolution, then the same checks on the downloaded files
-        hub = {k: values[k] for k in ("revision", "cache_dir", "token", "local_files_only") if values.get(k) is not None}
-        try:
-            if config is None and PeftConfig._get_peft_type(str(model_id), subfolder=subfolder, **hub) != PICA_PEFT_TYPE.value:
-                return None
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub)).parent
-        except Exception:  # noqa: BLE001  (not reachable or not PiCa: peft raises its own error just after)
-            return None
-    if config is None:
-        if not validate_adapter_directory(path):
-            return None
-        config = PiCaConfig.from_pretrained(str(path))
-    return path, config
 
 
 def check_tensor(key: str, tensor: torch.Tensor, rank: int) -> str | None:
@@ -318,59 +251,13 @@ def _align_projector(problems: list[str], state_dict: dict[str, torch.Tensor], n
     state_dict[p_key] = aligned
 
 
-# ------------------------------------------------------------------------------- 3. restore on error
-
-
-def _snapshot(module: nn.Module) -> dict[str, Any]:
-    """Every attribute of ``module`` by identity, and the contents of its dicts, lists and sets."""
-    attributes = dict(vars(module))
-    contents = {name: (value.copy() if isinstance(value, (dict, set)) else list(value))
-                for name, value in attributes.items() if isinstance(value, (dict, list, set))}
-    return {"attributes": attributes, "contents": contents}
-
-
-def _restore(module: nn.Module, snapshot: dict[str, Any]) -> None:
-    current = vars(module)
-    current.clear()
-    current.update(snapshot["attributes"])
-    for name, content in snapshot["contents"].items():
-        container = current[name]
-        container.clear()
-        (container.update if isinstance(container, (dict, set)) else container.extend)(content)
-
-
-@contextlib.contextmanager
-def restore_on_error(root: nn.Module) -> Iterator[None]:
-    """On an exception, put ``root`` and every module under it back as they were, then re-raise.
-
-    Restored: each module's attributes (so its submodules, parameters, buffers and hooks, and every
-    peft bookkeeping dict/list such as ``peft_config`` or active adapters), ``requires_grad`` and
-    training flags. Tensor values are not touched by a failed load (checks run before
-    ``load_state_dict``), so they are not copied.
-    """
-    modules = list(root.modules())
-    snapshots = [(module, _snapshot(module)) for module in modules]
-    flags = [(parameter, parameter.requires_grad) for parameter in root.parameters()]
-    try:
-        yield
-    except BaseException:
-        try:
-            for module, snapshot in snapshots:
-                _restore(module, snapshot)
-            for parameter, requires_grad in flags:
-                parameter.requires_grad_(requires_grad)
-        except Exception:  # noqa: BLE001  (never hide the original error)
-            logger.exception("PiCa: could not undo a failed adapter load")
-        raise
-
-
 def load_checked(original: Callable, owner: Any, *args: Any, **kwargs: Any) -> Any:
     """Body of the wrappers of ``PeftModel.from_pretrained`` (``owner``: the class) and
     ``PeftModel.load_adapter`` (``owner``: the ``PeftModel``): the load path described above."""
     if _LOADING.get() is not None:  # load_adapter called by from_pretrained: already on this path
         return original(owner, *args, **kwargs)
     values = call_arguments(original, owner, *args, **kwargs)
-    adapter = _pica_adapter(values)
+    adapter = pica_adapter(values)
     if adapter is None:
         return original(owner, *args, **kwargs)
     path, config = adapter
@@ -397,7 +284,7 @@ def refuse_transformers_load_adapter(original: Callable, self: nn.Module, peft_m
         ValueError: ``peft_model_id`` or ``peft_config`` is a PiCa adapter; points to ``PeftModel.from_pretrained``.
     """
     config = kwargs.get("peft_config")
-    local = _local_path(peft_model_id, (kwargs.get("adapter_kwargs") or {}).get("subfolder")) if peft_model_id else None
+    local = local_path(peft_model_id, (kwargs.get("adapter_kwargs") or {}).get("subfolder")) if peft_model_id else None
     if isinstance(config, PiCaConfig) or (config is None and local is not None and validate_adapter_directory(local)):
         raise ValueError(
             f"PiCa adapter {peft_model_id or ''}: load it with peft.PeftModel.from_pretrained(model, path). "
