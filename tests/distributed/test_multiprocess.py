@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, GLOBAL_BATCH = 6, 4
 
 
-def _torchrun(processes: int, module: str, *args: str, timeout: int = 240) -> None:
+def _torchrun(processes: int, module: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -33,6 +33,7 @@ def _torchrun(processes: int, module: str, *args: str, timeout: int = 240) -> No
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
         raise AssertionError(f"torchrun {module} timed out after {timeout} s:\n{stderr[-8000:]}") from None
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
@@ -142,3 +143,31 @@ def test_example_fsdp_config_wraps_each_decoder_layer(fsdp_results, source, shar
     assert result["decoder_layer_units"] == 2
     if sharing == "shared":  # fails until M lives on the tuner module
         assert set(result["update_units"].values()) == {""}, result["update_units"]
+
+
+def test_pica_train_under_torchrun_publishes_one_output_from_rank_zero(tmp_path):
+    """``pica train`` launched on 2 processes (DDP via Trainer): every rank trains, rank 0 alone publishes."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.harness_fixtures import save_tiny_bert, sentiment_rows, write_jsonl
+
+    model = save_tiny_bert(tmp_path / "bert")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "task": "classify", "model": str(model), "train_data": str(write_jsonl(tmp_path / "train.jsonl", sentiment_rows(32))),
+        "eval_data": str(write_jsonl(tmp_path / "test.jsonl", sentiment_rows(12, seed=1))), "rank": 4, "lr": 0.005,
+        "max_steps": 2, "batch_size": 4, "max_length": 16, "methods": ["pica"], "output_dir": str(tmp_path / "out")}))
+    launched = _torchrun(2, "pica.cli", "--no-progress", "train", "--recipe", str(recipe))
+    logs = launched.stdout + launched.stderr
+    assert "run pica seed 0 → " in logs and ".pica-rank1-" in logs  # rank 1 trained into its private directory
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert [run["method"] for run in results["runs"]] == ["pica"] and results["runs"][0]["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "out", "recipe.yaml", "test.jsonl", "train.jsonl"]
+    adapter = out / "pica" / "seed0" / "adapter"
+    names = {p.name for p in adapter.iterdir()}  # Trainer.save_model also writes the collator's tokenizer
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "training_args.bin" not in names
+    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
+    PeftModel.from_pretrained(base, adapter)  # loads through every check

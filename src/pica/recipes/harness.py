@@ -9,9 +9,13 @@ leaves no partial output directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -176,7 +180,8 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
         saved = None
         if recipe.save_model:
             saved = "adapter" if method not in ("full", "probe") else "model"
-            trainer.model.save_pretrained(run_dir / saved)
+            trainer.save_model(str(run_dir / saved))  # gathers sharded (FSDP) weights; writes on the main process
+            (run_dir / saved / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; run.json has the options
             if saved == "model":
                 prepared.tokenizer.save_pretrained(run_dir / saved)
         shutil.rmtree(run_dir / "trainer", ignore_errors=True)
@@ -216,14 +221,42 @@ def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
             "gguf_file": recipe.gguf_file, "dtype": recipe.dtype, "max_length": recipe.max_length}
 
 
+def _is_main_process() -> bool:
+    """True unless this is a non-zero rank of a ``torchrun`` / ``accelerate launch`` job (``RANK`` is set)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def _output_directory(output: Path, overwrite: bool) -> Iterator[Path]:
+    """The staging directory of the run: published atomically by the main process only.
+
+    Under ``torchrun`` / ``accelerate launch`` every process trains and evaluates (FSDP needs them all
+    in every forward), but only rank 0 publishes; the others write into a private temporary directory
+    that is removed at the end. The processes meet at a barrier before rank 0 publishes, so a failure
+    on any rank publishes nothing.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized
+    if _is_main_process():
+        with atomic_directory(output, overwrite, "output_dir") as staging:
+            yield staging
+            if distributed():
+                torch.distributed.barrier()
+        return
+    with tempfile.TemporaryDirectory(prefix=f".pica-rank{os.environ.get('RANK')}-") as private:
+        yield Path(private)
+        if distributed():
+            torch.distributed.barrier()
+
+
 def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
     """Every method × seed of the recipe; writes the output directory atomically; returns results.
 
     The output is built with :func:`pica.io.atomic_directory`: a failed run leaves no partial
     directory, and with ``overwrite`` the old output is replaced only once the new one is complete.
+    Under ``torchrun`` / ``accelerate launch`` only rank 0 publishes it (see :func:`_output_directory`).
     """
     recipe = prepared.recipe
-    with atomic_directory(Path(recipe.output_dir).resolve(), recipe.overwrite, "output_dir") as staging:
+    with _output_directory(Path(recipe.output_dir).resolve(), recipe.overwrite) as staging:
         resolved = {**recipe.to_dict(), "task_options": prepared.options}
         (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         runs = []
