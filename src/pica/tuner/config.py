@@ -24,9 +24,9 @@ class PiCaConfig(PeftConfig):
     top-``rank`` right singular vectors of ``W0_i``; ``M_g (out×rank)`` is trainable, zero at start,
     and shared by all layers of the same role (group ``g``) unless ``share_across_layers=False``.
 
-    Unknown keys are refused (``ValueError`` naming them), also when loading an
-    ``adapter_config.json``: a PiCa adapter from a newer version must not load with a silently
-    different meaning.
+    Unknown keys are refused (``TypeError`` naming them, as peft configs do; ``pica.io.AdapterFileError``
+    when they come from an ``adapter_config.json``): a PiCa adapter from a newer version must not load
+    with a silently different meaning.
 
     Attributes:
         rank: number of singular directions per layer; ``1 ≤ rank ≤ min(in, out)`` of every target.
@@ -91,7 +91,9 @@ class PiCaConfig(PeftConfig):
         known = {f.name for f in dataclasses.fields(cls)} | {"store_projector"} if dataclasses.is_dataclass(cls) else set()
         unknown = sorted(set(kwargs) - known)
         if known and unknown:
-            raise ValueError(f"PiCaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+            # TypeError, as for any unexpected keyword (peft's convention); worded so that peft's
+            # forward-compatibility filter in PeftConfig.from_peft_type does not swallow it.
+            raise TypeError(f"PiCaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return super().__new__(cls)
 
     def __post_init__(self, store_projector: Optional[bool]) -> None:
