@@ -9,7 +9,8 @@ parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -137,6 +138,20 @@ class PiCaModel(BaseTuner):
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Keep ``M`` and ``P`` in float32 whatever the model dtype."""
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft enters this around every forward and generate; its special arguments that PiCa does not
+        support (mixed-adapter batches: ``adapter_names``, ``alora_offsets``) are refused, not dropped.
+
+        Raises:
+            ValueError: naming the argument (peft would otherwise give every row the active adapter).
+        """
+        given = sorted(name for name in ("adapter_names", "alora_offsets") if kwargs.get(name) is not None)
+        if given:
+            raise ValueError(f"PiCa does not support {given} (one adapter per row) yet; peft would silently apply "
+                             "the active adapter to every row. Call set_adapter() per batch instead.")
+        yield
 
     # ------------------------------------------------------------------ merging
 
