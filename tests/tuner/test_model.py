@@ -292,3 +292,23 @@ def test_mixed_adapter_batches_are_refused_in_forward_and_generate():
     with pytest.raises(ValueError, match=r"\['adapter_names'\]"):
         model.generate(**inputs, adapter_names=names, max_new_tokens=2, do_sample=False)
     assert model(**inputs).logits.shape[0] == 2  # plain calls are unaffected
+
+
+def test_targets_whose_forward_is_never_called_are_refused():
+    """nn.MultiheadAttention reads out_proj.weight directly: PiCa there would be accepted and do nothing."""
+
+    class WithAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(x, x, x)[0])
+
+    for targets, match in ((["out_proj"], "never change the output"), (["attention"], "nn.Linear and transformers Conv1D only")):
+        model = WithAttention()
+        with pytest.raises(TypeError, match=match):
+            get_peft_model(model, PiCaConfig(rank=2, target_modules=targets))
+        assert not pica_layers(model)
+    get_peft_model(WithAttention(), PiCaConfig(rank=2, target_modules=["head"]))  # a plain Linear is fine

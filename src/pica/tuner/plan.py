@@ -121,6 +121,10 @@ def plan_adapter(
     unsupported = [f"{n} ({type(m).__name__})" for n, m in targets.items() if not isinstance(m, (nn.Linear, Conv1D))]
     if unsupported:
         raise TypeError(f"PiCa supports nn.Linear and transformers Conv1D only; targeted: {unsupported[:8]}")
+    unused = [n for n in targets if "." in n and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.MultiheadAttention)]
+    if unused:  # MultiheadAttention reads out_proj.weight itself and never calls out_proj: an adapter there does nothing
+        raise TypeError(f"PiCa cannot adapt {unused[:8]}: nn.MultiheadAttention uses these weights without calling "
+                        "the layer, so the adapter would never change the output")
     weights = {name: base_weight_out_in(module) for name, module in targets.items()}
     too_small = [f"{n} {tuple(w.shape)}" for n, w in weights.items() if rank > min(w.shape)]
     if too_small:
