@@ -28,4 +28,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
     "deberta-v2": _DEBERTA,
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    # Other decoders, same roles (attention q/k/v, MLP up/down) under their own names; fused projections
+    # (query_key_value, qkv_proj, gate_up_proj) are one role each.
+    **{model_type: ["q_proj", "k_proj", "v_proj", "fc1", "fc2"] for model_type in ("opt", "phi")},
+    "gptj": ["q_proj", "k_proj", "v_proj", "fc_in", "fc_out"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "c_fc", "c_proj"],
+    **{model_type: ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"] for model_type in ("gpt_neox", "falcon", "bloom")},
+    "phi3": ["qkv_proj", "gate_up_proj", "down_proj"],
 }
