@@ -17,7 +17,8 @@ from peft import PeftModel, get_peft_model
 
 sys.path.insert(0, ".")
 from pica import PiCaConfig  # noqa: E402
-from pica.projector import fingerprint_distance, top_right_singular_vectors, weight_fingerprint  # noqa: E402
+from pica.fingerprint import fingerprint_distance, weight_fingerprint  # noqa: E402
+from pica.projector import top_right_singular_vectors  # noqa: E402
 from tests.conftest import example_inputs, make_llama, model_output, pica_layers, randomize_updates  # noqa: E402
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from .functional import delta_weight, pica_delta
-from .projector import canonicalize_signs, top_right_singular_vectors, weight_fingerprint
+from .fingerprint import weight_fingerprint
+from .projector import canonicalize_signs, top_right_singular_vectors
 from .projector_batch import top_right_singular_vectors_many
 
 __version__ = "0.1.0"

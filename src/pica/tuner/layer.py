@@ -21,16 +21,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..functional import delta_weight, merged_pica_linear, pica_delta
-from ..projector import fingerprint_distance, weight_fingerprint
-from .forms import FORWARD_MODES, use_merged_form
+from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
+from .forms import use_merged_form
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINGERPRINT_TOLERANCE", "FORWARD_MODES", "Linear", "PiCaLayer", "base_weight_out_in", "pica_layers"]
-
-FINGERPRINT_TOLERANCE = 2e-2
-"""Largest accepted fingerprint distance (relative to ‖W0‖_F); bf16 rounding gives ~3e-3."""
-
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "pica_layers"]
 
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
     """The base weight in PyTorch ``(out_features, in_features)`` layout (a view for ``Conv1D``)."""

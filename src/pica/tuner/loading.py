@@ -48,12 +48,12 @@ from torch import nn
 
 from ..io import AdapterFileError, check_safetensors_file
 from ..module_state import restore_on_error
-from ..projector import FINGERPRINT_SIZE
+from ..fingerprint import FINGERPRINT_SIZE, FINGERPRINT_TOLERANCE
 from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
 from .adapter_dir import local_path, pica_adapter, validate_adapter_directory
 from .adapter_state import UPDATE_PREFIX, _module_name
 from .config import PiCaConfig
-from .layer import FINGERPRINT_TOLERANCE, base_weight_out_in, pica_layers
+from .layer import base_weight_out_in, pica_layers
 
 logger = logging.getLogger(__name__)
 

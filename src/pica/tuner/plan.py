@@ -17,7 +17,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..projector import FINGERPRINT_SIZE, weight_fingerprint
+from ..fingerprint import FINGERPRINT_SIZE, weight_fingerprint
 from ..projector_batch import top_right_singular_vectors_many
 from ..grouping import group_of, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
