@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,10 +38,25 @@ def test_leaves_import_and_compute_with_peft_and_transformers_blocked():
     assert result.stdout.strip() == "ok"
 
 
-def test_import_pica_registers_the_method_with_peft():
-    script = "import pica, peft; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; " \
-             "assert m[pica.PICA_PEFT_TYPE] is pica.PiCaConfig; print('ok')"
+def _run(script: str) -> str:
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok"
+    return result.stdout.strip()
+
+
+def test_importing_the_leaves_imports_neither_peft_nor_transformers_even_when_installed():
+    script = ("import sys, pica.projector, pica.projector_batch, pica.functional, pica.fingerprint, pica.io, "
+              "pica.sketch, pica.grouping, pica.naming, pica.random_subspace, pica.module_state; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'transformers')))")
+    assert _run(script) == "[]"
+
+
+@pytest.mark.parametrize("order", ["import pica; import peft", "import peft; import pica",
+                                   "import pica; from peft import PeftModel"])
+def test_import_pica_registers_the_method_with_peft_in_either_order(order):
+    script = (f"{order}; import sys; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; "
+              "registered = 'pica.tuner' in sys.modules and 'PICA' in [str(getattr(k, 'value', k)) for k in m]; "
+              "from pica.tuner import PICA_PEFT_TYPE, PiCaConfig, integration; "  # only after the check above
+              "assert registered and m[PICA_PEFT_TYPE] is PiCaConfig and integration.is_installed(); print('ok')")
+    assert _run(script) == "ok"

@@ -1,13 +1,13 @@
 """pica: PiCa (Parameter-efficient fine-tuning with Column space projection) as a PEFT method.
 
 ``import pica`` registers the method with peft, so ``peft.get_peft_model(model, pica.PiCaConfig())``
-and ``peft.PeftModel.from_pretrained(base, path)`` work unchanged.
+and ``peft.PeftModel.from_pretrained(base, path)`` work unchanged: at once if peft is already
+imported, else when peft is first imported (:mod:`pica.peft_import_hook`).
 
 The maths (:mod:`pica.projector`, :mod:`pica.projector_batch`, :mod:`pica.functional`,
-:mod:`pica.sketch`, :mod:`pica.grouping`, :mod:`pica.io`) needs only torch and safetensors: where
-peft or transformers is not installed, ``import pica`` skips the registration and those modules
-still import; the peft-dependent names (``PiCaConfig``, ``export_lora``, ...) then raise the
-``ImportError`` on first use.
+:mod:`pica.fingerprint`, :mod:`pica.sketch`, :mod:`pica.grouping`, :mod:`pica.io`) needs only torch
+and safetensors, and importing it imports neither peft nor transformers. The peft-dependent names
+(``PiCaConfig``, ``export_lora``, ...) are imported on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from .functional import delta_weight, pica_delta
 from .fingerprint import weight_fingerprint
 from .projector import canonicalize_signs, top_right_singular_vectors
+from .peft_import_hook import register_when_peft_is_imported
 from .projector_batch import top_right_singular_vectors_many
 
 __version__ = "0.1.0"
@@ -41,8 +42,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
-try:
-    from . import tuner  # noqa: F401  (registers PiCa with peft, installs the load/save integration)
-except ModuleNotFoundError as _error:
-    if (_error.name or "").split(".")[0] not in ("peft", "transformers"):
-        raise
+register_when_peft_is_imported()
