@@ -9,7 +9,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pica import PiCaConfig
 from tests.conftest import make_llama
-from tests.distributed.train_script import token_dataset, updates_by_group
+from tests.distributed.train_script import token_dataset, updates_by_name
 
 STEPS, STOP_AT = 8, 4
 
@@ -49,13 +49,13 @@ def test_resumed_run_reproduces_uninterrupted_run(tmp_path):
     assert stopped.state.global_step == STOP_AT
     checkpoint = tmp_path / "resumed" / f"checkpoint-{STOP_AT}"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "adapter_model.bin").exists()
-    midway = updates_by_group(stopped.model)
+    midway = updates_by_name(stopped.model)
 
     resumed = _trainer(tmp_path / "resumed")  # fresh model, M = 0 until the checkpoint is loaded
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == STEPS
 
-    final, expected = updates_by_group(resumed.model), updates_by_group(full.model)
+    final, expected = updates_by_name(resumed.model), updates_by_name(full.model)
     assert set(final) == set(expected) and len(final) == 5
     for group in expected:
         assert not torch.equal(midway[group], expected[group])  # the second half did train

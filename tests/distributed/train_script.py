@@ -38,7 +38,6 @@ def updates_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if "pica_M" in name}
 
 
-updates_by_group = updates_by_name  # tests/test_resume.py compares these by key; names work before and after M moves
 
 
 def token_dataset(size: int = 64, length: int = 12) -> Dataset:

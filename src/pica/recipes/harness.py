@@ -227,6 +227,13 @@ def _is_main_process() -> bool:
 
 
 @contextlib.contextmanager
+def _private_directory() -> Iterator[Path]:
+    """A temporary directory for a non-zero rank's copy of the outputs, removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=f".pica-rank{os.environ['RANK']}-") as private:
+        yield Path(private)
+
+
+@contextlib.contextmanager
 def _output_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     """The staging directory of the run: published atomically by the main process only.
 
@@ -235,16 +242,10 @@ def _output_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     that is removed at the end. The processes meet at a barrier before rank 0 publishes, so a failure
     on any rank publishes nothing.
     """
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized
-    if _is_main_process():
-        with atomic_directory(output, overwrite, "output_dir") as staging:
-            yield staging
-            if distributed():
-                torch.distributed.barrier()
-        return
-    with tempfile.TemporaryDirectory(prefix=f".pica-rank{os.environ.get('RANK')}-") as private:
-        yield Path(private)
-        if distributed():
+    directory = atomic_directory(output, overwrite, "output_dir") if _is_main_process() else _private_directory()
+    with directory as staging:
+        yield staging
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
 

@@ -29,8 +29,9 @@ def local_path(model_id: str | os.PathLike, subfolder: str | None) -> Path | Non
     return path / subfolder if subfolder else path
 
 
-def validate_adapter_directory(path: str | os.PathLike) -> bool:
-    """Check a local adapter directory's config and weights file; True if it holds a PiCa adapter.
+def validate_adapter_directory(path: str | os.PathLike) -> PiCaConfig | None:
+    """Check a local adapter directory's config and weights file; its ``PiCaConfig`` if it holds a
+    PiCa adapter, None if it holds another peft method's.
 
     Non-PiCa adapters are only checked for a readable JSON config with a known ``peft_type``.
 
@@ -50,13 +51,13 @@ def validate_adapter_directory(path: str | os.PathLike) -> bool:
         raise AdapterFileError(f"{config_file}: field 'peft_type' is {peft_type!r}, not a known PEFT method "
                                f"(PiCa adapters have {PICA_PEFT_TYPE.value!r})")
     if peft_type != PICA_PEFT_TYPE.value:
-        return False
+        return None
     try:
-        PiCaConfig.from_pretrained(str(path))
+        config = PiCaConfig.from_pretrained(str(path))
     except (ValueError, TypeError) as error:
         raise AdapterFileError(f"{config_file}: {error}") from error
     check_safetensors_file(path / SAFETENSORS_WEIGHTS_NAME)
-    return True
+    return config
 
 
 def pica_adapter(values: dict[str, Any]) -> tuple[Path, Any] | None:
@@ -75,8 +76,5 @@ def pica_adapter(values: dict[str, Any]) -> tuple[Path, Any] | None:
             path = Path(hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub)).parent
         except Exception:  # noqa: BLE001  (not reachable or not PiCa: peft raises its own error just after)
             return None
-    if config is None:
-        if not validate_adapter_directory(path):
-            return None
-        config = PiCaConfig.from_pretrained(str(path))
-    return path, config
+    config = config if config is not None else validate_adapter_directory(path)
+    return None if config is None else (path, config)

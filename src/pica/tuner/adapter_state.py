@@ -24,15 +24,14 @@ from ..grouping import group_of, update_key
 from ..sketch import projector_sketch
 from .layer import pica_layers
 
-__all__ = ["LAYER_TENSORS", "UPDATE_PREFIX", "select_for_save", "to_model_keys"]
+__all__ = ["UPDATE_PREFIX", "select_for_save", "state_dict_module_name", "to_model_keys"]
 
 UPDATE_PREFIX = "base_model.pica_M."
-LAYER_TENSORS = ("pica_P", "pica_fingerprint", "pica_sketch")
 _LEGACY_UPDATE = re.compile(r"(?:base_model\.model\.)?(?P<layer>.+)\.pica_M")
 _LAYER_TENSOR = re.compile(r"(?P<layer>.+)\.(?P<tensor>pica_P|pica_fingerprint)")
 
 
-def _module_name(name: str) -> str:
+def state_dict_module_name(name: str) -> str:
     """A module name as state-dict keys spell it (FSDP1 wrapper segments removed)."""
     return name.replace("_fsdp_wrapped_module.", "")
 
@@ -54,7 +53,7 @@ def select_for_save(model: nn.Module, config, adapter_name: str, state_dict: dic
     selected = {key: value for key, value in state_dict.items() if key.startswith(prefix) and "." not in key[len(prefix):]}
     wanted = ["pica_fingerprint"] + (["pica_P"] if config.projector_storage == "full" else [])
     for name, layer in pica_layers(model, adapter_name):
-        name = _module_name(name)
+        name = state_dict_module_name(name)
         for tensor in wanted:
             key = f"{name}.{tensor}.{adapter_name}"
             if key not in state_dict:
@@ -78,7 +77,7 @@ def to_model_keys(model: nn.Module, config, adapter_name: str, state_dict: dict[
         if key.startswith(UPDATE_PREFIX) and "." not in key[len(UPDATE_PREFIX):]:
             target = f"{UPDATE_PREFIX}{adapter_name}.{key[len(UPDATE_PREFIX):]}"
         elif legacy := _LEGACY_UPDATE.fullmatch(key):
-            group = update_key(group_of(_module_name(legacy["layer"]), config.share_across_layers))
+            group = update_key(group_of(state_dict_module_name(legacy["layer"]), config.share_across_layers))
             target = f"{UPDATE_PREFIX}{adapter_name}.{group}"
         elif _LAYER_TENSOR.fullmatch(key):
             target = f"{key}.{adapter_name}"

@@ -51,7 +51,7 @@ from ..module_state import restore_on_error
 from ..fingerprint import FINGERPRINT_SIZE, FINGERPRINT_TOLERANCE
 from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
 from .adapter_dir import local_path, pica_adapter, validate_adapter_directory
-from .adapter_state import UPDATE_PREFIX, _module_name
+from .adapter_state import UPDATE_PREFIX, state_dict_module_name
 from .config import PiCaConfig
 from .layer import base_weight_out_in, pica_layers
 
@@ -197,7 +197,7 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
     for key, shape in groups.items():  # shapes from the layers: under FSDP the live M may be a flat shard
         need(f"{UPDATE_PREFIX}{adapter_name}.{key}", f"M of group '{key}'", shape)
     for name, layer in layers:
-        name = _module_name(name)
+        name = state_dict_module_name(name)
         stored = need(f"{name}.pica_fingerprint.{adapter_name}", f"{name}: fingerprint", (FINGERPRINT_SIZE,))
         if stored is not None and not layer.pica_fingerprint[adapter_name].is_meta:
             distance = layer.fingerprint_distance(adapter_name, stored)
@@ -214,7 +214,7 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
             _align_projector(problems, result, name, layer, adapter_name, p_key, result.pop(sketch_key, None))
         else:
             result[p_key] = layer.pica_P[adapter_name]
-    auxiliary = tuple(_module_name(name) + "." for name, module in model.named_modules()
+    auxiliary = tuple(state_dict_module_name(name) + "." for name, module in model.named_modules()
                       if isinstance(module, AuxiliaryTrainingWrapper))
     unused = sorted(key for key in state_dict if key not in consumed
                     and not (key.startswith(auxiliary) and f".{adapter_name}." in key))
