@@ -20,6 +20,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+try:  # FSDP2 keeps the parameters of a unit that is not running as DTensor shards
+    from torch.distributed.tensor import DTensor as _Sharded
+except ImportError:  # torch built without distributed support
+    _Sharded = ()
+
 from ..functional import delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
 from .forms import use_merged_form
@@ -42,15 +47,6 @@ def pica_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterato
     for name, module in model.named_modules():
         if isinstance(module, PiCaLayer) and (adapter_name is None or adapter_name in module.pica_P):
             yield name, module
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """True for a DTensor (FSDP2 keeps the parameters of a unit that is not running as DTensor shards)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -145,7 +141,7 @@ class PiCaLayer(BaseTunerLayer):
             RuntimeError: ``M`` is an FSDP shard here (the tuner is not inside a running FSDP unit).
         """
         update = self._pica_updates[adapter_name][self.pica_group[adapter_name]]
-        if _is_sharded(update):
+        if isinstance(update, _Sharded):
             raise RuntimeError(
                 f"PiCa adapter '{adapter_name}': M of group '{self.pica_group[adapter_name]}' is still an FSDP shard "
                 "here. The shared M lives on the PeftModel's tuner: shard the root module too (fully_shard(model) "
