@@ -114,8 +114,10 @@ def test_failed_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
 def test_export_refuses_existing_dir_and_non_directory(tmp_path):
     model = _trained("llama")
     (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("x")  # an empty directory would be used as it is
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_merged(model, tmp_path / "merged")
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "x"
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         export_merged(model, tmp_path / "file", overwrite=True)

@@ -53,7 +53,7 @@ def test_update_replaces_written_files_and_keeps_the_others(tmp_path):
     (target / "optimizer.pt").write_text("keep me")
     (target / "README.md").write_text("user notes")
     with atomic_directory_update(target, seed_files=("README.md",)) as staging:
-        assert staging.parent == tmp_path and staging != target
+        assert staging.parent == target and staging.name.startswith(".pica-partial-")  # on the target's filesystem
         assert (staging / "README.md").read_text() == "user notes"  # seeded copy to update
         (staging / "weights").write_text("new")
         (staging / "README.md").write_text("user notes + card")
@@ -62,7 +62,8 @@ def test_update_replaces_written_files_and_keeps_the_others(tmp_path):
         assert (target / "weights").read_text() == "old"  # nothing visible before the block ends
     assert _listing(target) == {"README.md": b"user notes + card", "optimizer.pt": b"keep me",
                                 "sub/config": b"named adapter", "weights": b"new"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # staging removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "optimizer.pt", "sub", "weights"]  # staging removed
 
 
 def test_failure_while_writing_leaves_target_unchanged(tmp_path):
@@ -96,6 +97,7 @@ def test_last_files_are_moved_after_the_others(tmp_path, monkeypatch):
     with atomic_directory_update(tmp_path / "t", last=("adapter_config.json",)) as staging:
         for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
             (staging / name).write_text(name)
+    order = [name for name in order if not name.startswith(".")]  # the staging directory's own renames
     assert order[-1] == "adapter_config.json" and len(order) == 3
 
 

@@ -108,9 +108,12 @@ def test_killed_saving_process_keeps_previous_adapter(old_adapter):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    leftovers = [p for p in path.parent.iterdir() if p.name != "adapter"]
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".adapter.saving-")  # the dead process's staging
+    assert [p.name for p in path.parent.iterdir()] == ["adapter"]
+    leftovers = [p.name for p in path.iterdir() if p.is_dir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".pica-partial-")  # the dead process's staging, inside
     _assert_previous_adapter_intact(path, files, logits)
+    _adapter(seed=3).save_pretrained(path)  # the next save removes what the killed one left
+    assert not [p for p in path.iterdir() if p.is_dir()]
 
 
 def test_save_keeps_other_files_and_updates_model_card(old_adapter):

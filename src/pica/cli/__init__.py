@@ -14,7 +14,7 @@ import typing
 import warnings
 from typing import Any, Literal, Optional, Sequence, Union
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "install_signal_handlers", "main"]
 
 _EVAL_FIELDS = ("task", "eval_data", "task_options", "eval_limit", "model", "gguf_file", "dtype", "eval_batch_size",
                 "max_length", "max_new_tokens", "metric", "threads", "output_dir", "overwrite", "eval_loss",
@@ -157,9 +157,28 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
     return {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM (``kill``, ``torchrun``, schedulers, ``docker stop``) into ``SystemExit(143)``.
+
+    The exit unwinds the stack like Ctrl-C does, so every staging directory of an output being written
+    (:mod:`pica.io`) is removed before the process ends; a SIGKILL cannot be caught, and what it leaves
+    is finished or removed by the next write to the same place.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``pica`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    install_signal_handlers()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pica").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # e.g. the expected "classifier weights newly initialised" load report

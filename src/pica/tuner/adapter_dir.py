@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..io import AdapterFileError, check_safetensors_file, read_json_object
+from ..io import AdapterFileError, check_safetensors_file, finish_interrupted_save, read_json_object
 from .config import PiCaConfig
 from .peft_type import PICA_PEFT_TYPE
 
@@ -42,6 +42,7 @@ def validate_adapter_directory(path: str | os.PathLike) -> PiCaConfig | None:
     path = Path(path)
     if not path.is_dir():
         raise AdapterFileError(f"adapter directory {path} does not exist")
+    finish_interrupted_save(path)
     config_file = path / CONFIG_NAME
     peft_type = read_json_object(config_file).get("peft_type")
     if peft_type is None:

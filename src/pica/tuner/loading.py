@@ -46,7 +46,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import AdapterFileError, check_safetensors_file
+from ..io import AdapterFileError, check_safetensors_file, reading_directory
 from ..module_state import restore_on_error
 from ..fingerprint import FINGERPRINT_SIZE, FINGERPRINT_TOLERANCE
 from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
@@ -262,7 +262,10 @@ def load_checked(original: Callable, owner: Any, *args: Any, **kwargs: Any) -> A
         return original(owner, *args, **kwargs)
     path, config = adapter
     adapter_name = values["adapter_name"]
-    load = _Load(adapter_name, path, read_adapter(path, config))
+    with reading_directory(path):  # a concurrent save into the directory waits (or is waited for)
+        if values.get("config") is None:  # the config that goes with the weights read now
+            config = validate_adapter_directory(path)
+        load = _Load(adapter_name, path, read_adapter(path, config))
     token = _LOADING.set(load)
     try:
         with restore_on_error(values.get("model", owner)):
