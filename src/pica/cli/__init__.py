@@ -186,11 +186,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         transformers_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
-    from ..recipes.config import RecipeError
+    from ..recipes.config import RecipeError, RunsFailedError
     from . import commands
 
     try:
         return getattr(commands, f"run_{args.command}")(args)
+    except RunsFailedError as error:
+        print(error.results["table"], file=sys.stderr)
+        print(f"pica {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except (RecipeError, ValueError, FileNotFoundError) as error:
         print(f"pica {args.command}: error: {error}", file=sys.stderr)
         return 2

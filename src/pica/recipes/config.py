@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-__all__ = ["METHODS", "RecipeConfig", "RecipeError", "load_recipe_file", "resolve_recipe"]
+__all__ = ["METHODS", "RecipeConfig", "RecipeError", "RunsFailedError", "load_recipe_file", "resolve_recipe"]
 
 METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe")
 """``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything."""
@@ -23,6 +23,19 @@ METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe")
 
 class RecipeError(ValueError):
     """A recipe key, value or file is wrong; the message names it."""
+
+
+class RunsFailedError(RuntimeError):
+    """Some runs of a comparison failed after others finished; the finished ones were published.
+
+    Attributes:
+        failed: ``{"method", "seed", "error"}`` per failed run.
+        results: the published results (finished runs only).
+    """
+
+    def __init__(self, message: str, failed: list[dict], results: dict) -> None:
+        super().__init__(message)
+        self.failed, self.results = failed, results
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Train
 
 from ..io import atomic_directory
 from .answer_loss import answer_token_loss
-from .config import RecipeConfig, RecipeError
+from .config import RecipeConfig, RecipeError, RunsFailedError
 from .measure import PeakMemory, projector_progress
 from .methods import apply_method, default_head_modules, parameter_split
+from .preflight import check_before_training
 from .models import load_base_model, load_tokenizer
 from .results import format_table, plot_comparison, plot_loss, summarize, write_json
 from .tasks import get_task
@@ -83,6 +85,7 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
     if hasattr(task, "infer_options"):
         options = task.infer_options(train_examples, options)
     tokenizer = load_tokenizer(recipe.model, recipe.gguf_file)
+    check_before_training(recipe, task, options, eval_examples)
     return PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
 
 
@@ -245,8 +248,12 @@ def _output_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     directory = atomic_directory(output, overwrite, "output_dir") if _is_main_process() else _private_directory()
     with directory as staging:
         yield staging
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             torch.distributed.barrier()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
@@ -255,22 +262,51 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
     The output is built with :func:`pica.io.atomic_directory`: a failed run leaves no partial
     directory, and with ``overwrite`` the old output is replaced only once the new one is complete.
     Under ``torchrun`` / ``accelerate launch`` only rank 0 publishes it (see :func:`_output_directory`).
+
+    Everything that can be checked before training was checked by :func:`prepare`. If a run still fails
+    (e.g. out of memory, a diverging loss), the other runs go on, and the finished ones are published
+    with the failed ones listed (``failed`` in ``results.json`` and ``table.txt``, each failed run's
+    ``train.log`` and ``error.txt`` (the traceback) kept); then :class:`RunsFailedError` is raised. If no run finishes,
+    the first error is raised and nothing is written. Under ``torch.distributed`` the first error is
+    raised at once (the other processes would wait for it in a collective).
+
+    Raises:
+        RunsFailedError: some runs failed, at least one finished.
     """
     recipe = prepared.recipe
+    failed: list[dict] = []
     with _output_directory(Path(recipe.output_dir).resolve(), recipe.overwrite) as staging:
         resolved = {**recipe.to_dict(), "task_options": prepared.options}
         (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-        runs = []
+        runs, first_error = [], None
         for method in recipe.methods:
             for seed in recipe.seeds:
-                runs.append(train_one(prepared, method, seed, staging / method / f"seed{seed}", progress))
+                run_dir = staging / method / f"seed{seed}"
+                try:
+                    runs.append(train_one(prepared, method, seed, run_dir, progress))
+                except Exception as error:
+                    if _distributed():
+                        raise
+                    logger.exception("run %s seed %d failed; going on with the other runs", method, seed)
+                    first_error = first_error or error
+                    failed.append({"method": method, "seed": seed, "error": f"{type(error).__name__}: {error}"})
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    (run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        if not runs:
+            raise first_error
         summary = summarize(runs)
         table = format_table(summary, prepared.metric)
+        if failed:
+            table += "\n\nfailed: " + "; ".join(f"{f['method']} seed {f['seed']} ({f['error']})" for f in failed)
         if len(summary) > 1:
             plot_comparison(summary, prepared.metric, staging / "comparison.png",
                             f"{recipe.task}: {prepared.metric} vs trainable parameters")
         results = {"task": recipe.task, "model": recipe.model, "metric": prepared.metric, "summary": summary,
-                   "runs": runs, "table": table}
+                   "runs": runs, "failed": failed, "table": table}
         write_json(staging / "results.json", results)
         (staging / "table.txt").write_text(table + "\n", encoding="utf-8")
+    if failed:
+        raise RunsFailedError(f"{len(failed)} of {len(failed) + len(runs)} runs failed "
+                              f"({'; '.join(f['method'] + ' seed ' + str(f['seed']) + ': ' + f['error'] for f in failed)}"
+                              f"); the {len(runs)} finished run(s) are in {recipe.output_dir}", failed, results)
     return results

@@ -47,9 +47,19 @@ def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str]:
 
 
 def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind: str,
-                 head_modules: Optional[list[str]] = None) -> nn.Module:
-    """Return the model to train with ``method`` (a ``PeftModel`` for adapter methods)."""
+                 head_modules: Optional[list[str]] = None, weightless: bool = False) -> nn.Module:
+    """Return the model to train with ``method`` (a ``PeftModel`` for adapter methods).
+
+    ``weightless``: ``model`` lives on the ``meta`` device (a shape check, see
+    :mod:`pica.recipes.preflight`); peft's methods then skip their weight initialisation
+    (``low_cpu_mem_usage``), which needs values. PiCa needs no such switch: it never reads a meta weight.
+    """
     heads = head_modules if head_modules is not None else default_head_modules(model, task_kind)
+    children = dict(model.named_children())
+    unknown = [name for name in heads if name not in children]
+    if unknown:
+        raise ValueError(f"head_modules {unknown} are not top-level modules of {type(model).__name__} "
+                         f"(its modules: {sorted(children)})")
     if method in ("full", "probe"):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(method == "full" or name.split(".")[0] in heads)
@@ -72,7 +82,7 @@ def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind:
         config = VeraConfig(r=recipe.rank, target_modules=targets, modules_to_save=saved, task_type=task_type)
     else:
         raise ValueError(f"unknown method {method!r}")
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, low_cpu_mem_usage=weightless and method != "pica")
 
 
 def parameter_split(model: nn.Module, head_modules: list[str]) -> dict[str, int]:

@@ -149,6 +149,15 @@ def _targets(examples: list[dict], options: dict[str, Any]) -> list[int | float]
     return targets
 
 
+def check_eval_examples(examples: list[dict], options: dict[str, Any]) -> None:
+    """Refuse eval examples whose label the trained head cannot predict (before any training).
+
+    Raises:
+        ValueError: naming the first such example and the labels.
+    """
+    _targets(examples, options)
+
+
 def _tokenize(examples: list[dict], tokenizer, max_length: int) -> dict[str, list]:
     pairs = [example["text_pair"] for example in examples]
     texts = [example["text"] for example in examples]
