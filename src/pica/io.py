@@ -150,18 +150,35 @@ def atomic_directory_update(
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON file that must hold an object.
 
+    Arrays and objects may nest at most 100 levels deep: no adapter or run file needs more, and a
+    deeper value (a crafted ``[[[[...]]]]``) would otherwise end in a ``RecursionError`` here or in
+    whatever walks the value next.
+
     Raises:
-        AdapterFileError: missing file, invalid JSON (with line/column), or not an object.
+        AdapterFileError: missing file or not a regular file, unreadable, invalid JSON (with
+            line/column), nested too deeply, or not an object.
     """
+    max_depth = 100
     path = Path(path)
     if not path.is_file():
-        raise AdapterFileError(f"{path} does not exist")
+        raise AdapterFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))  # a leading UTF-8 BOM is allowed
     except UnicodeDecodeError as error:
         raise AdapterFileError(f"{path} is not UTF-8 text: {error}") from error
     except json.JSONDecodeError as error:
         raise AdapterFileError(f"{path} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)") from None
+    except OSError as error:
+        raise AdapterFileError(f"{path} cannot be read: {error}") from error
+    level, depth = [value], 0
+    while level:  # breadth-first, one nesting level per pass: no recursion
+        depth += 1
+        if depth > max_depth:
+            raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)")
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item) if isinstance(child, (dict, list))]
     if not isinstance(value, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -189,3 +206,59 @@ def check_safetensors_file(path: str | os.PathLike) -> list[str]:
             return list(handle.keys())
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterFileError(f"{path} is not a valid safetensors file (truncated or corrupt?): {error}") from error
+
+
+from collections.abc import Mapping  # noqa: E402
+
+
+class OutputWouldDeleteInputError(ValueError):
+    """Replacing an output directory would delete one of the run's inputs (or the working directory)."""
+
+
+def refuse_replacing_inputs(
+    out_dir: str | os.PathLike,
+    inputs: Mapping[str, str | os.PathLike | None],
+    what: str = "output",
+) -> None:
+    """Refuse an output directory whose replacement (``overwrite``) would delete an input.
+
+    Replacing ``out_dir`` deletes everything under it, so it must neither be nor contain an input
+    (model, data file, recipe, the adapter being read, ...) nor the current working directory (or
+    hold it as a subdirectory: ``--output-dir .`` or ``--output-dir ..``). An output *inside* an
+    input (``--output-dir RUN/eval``) is fine. Paths are compared both as written (made absolute)
+    and with symlinks resolved, so a link on either side is seen through. Inputs that do not exist
+    on disk (hub ids, dataset names, ``None``) cannot be deleted and are skipped; so is an
+    ``out_dir`` that does not exist yet.
+
+    Args:
+        out_dir: the directory that would be replaced.
+        inputs: a name for each input (``"model"``, ``"train_data"``, ...) → its path.
+        what: the option or function named in the error (e.g. ``"output_dir"``, ``"export_lora"``).
+
+    Raises:
+        OutputWouldDeleteInputError: naming the output and the input it would delete.
+    """
+
+    def forms(path: str | os.PathLike) -> set[Path]:
+        written = Path(os.path.abspath(Path(path).expanduser()))
+        return {written, written.resolve()}
+
+    if not Path(out_dir).expanduser().exists():
+        return
+    outputs = forms(out_dir)
+    candidates = [(name, path) for name, path in inputs.items() if path is not None and str(path) != ""]
+    candidates.append(("current working directory", Path.cwd()))
+    for name, path in candidates:
+        if not Path(path).expanduser().exists():
+            continue
+        for output in outputs:
+            for form in forms(path):
+                if form == output or output in form.parents:
+                    relation = "is" if form == output else "contains"
+                    raise OutputWouldDeleteInputError(
+                        f"{what}: refusing to replace {out_dir}: it {relation} the {name} {path} (replacing it "
+                        "would delete it); choose another output directory"
+                    )
+
+
+__all__ += ["OutputWouldDeleteInputError", "refuse_replacing_inputs"]

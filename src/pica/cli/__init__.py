@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 import typing
 import warnings
 from typing import Any, Literal, Optional, Sequence, Union
@@ -157,8 +158,46 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
     return {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
 
 
+def _check_output(out: str, overwrite: bool, inputs: dict[str, Any], what: str) -> None:
+    """Refuse ``out`` before any work: it would delete an input, is a file, or exists without ``--overwrite``."""
+    from pathlib import Path
+
+    from ..io import refuse_replacing_inputs
+
+    refuse_replacing_inputs(out, {name: str(path) for name, path in inputs.items() if path is not None}, what)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{what} {out} exists and is not a directory")
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"{what} {out} exists; pass --overwrite to replace it")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input (files, flags, paths, permissions) raises: reported as a message, not a traceback."""
+    import csv
+
+    import yaml
+
+    from ..io import AdapterFileError
+    from ..recipes.config import RecipeError
+
+    errors: list[type[BaseException]] = [RecipeError, AdapterFileError, ValueError, OSError, csv.Error,
+                                         yaml.YAMLError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    return tuple(errors)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``pica`` console script; returns the exit status."""
+    """Entry point of the ``pica`` console script; returns the exit status.
+
+    Errors caused by the user's input (recipe, flags, data, model and adapter files, output paths,
+    permissions) print ``pica <command>: error: <message naming the file or field>`` and return 2;
+    with ``-v`` the traceback is printed too. Anything else is a bug and propagates.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pica").setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -167,11 +206,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         transformers_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
-    from ..recipes.config import RecipeError
     from . import commands
 
     try:
         return getattr(commands, f"run_{args.command}")(args)
-    except (RecipeError, ValueError, FileNotFoundError) as error:
+    except _user_errors() as error:  # ValueError covers json/Unicode decoding errors; OSError: missing, denied, ...
+        if args.verbose:
+            traceback.print_exc()
         print(f"pica {args.command}: error: {error}", file=sys.stderr)
         return 2
