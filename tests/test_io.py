@@ -28,7 +28,7 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
 def test_atomic_directory_overwrite_keeps_the_old_directory_until_the_new_one_is_complete(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="what: .*out exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="what: .*out exists and is not empty; pass --overwrite \\(overwrite=True\\)"):
         with atomic_directory(tmp_path / "out", what="what"):
             pytest.fail("the block must not run")
     with pytest.raises(RuntimeError, match="injected"), atomic_directory(tmp_path / "out", overwrite=True) as staging:

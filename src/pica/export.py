@@ -32,11 +32,23 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 
 
 def _pica_config(model: PeftModel, adapter_name: str, what: str) -> PiCaConfig:
-    config = getattr(model, "peft_config", {}).get(adapter_name)
+    configs = getattr(model, "peft_config", {})
+    config = configs.get(adapter_name)
+    if config is None:
+        raise ValueError(f"{what}: no PiCa adapter named {adapter_name!r} in the model; adapters: {sorted(configs)}")
     if not isinstance(config, PiCaConfig):
-        have = sorted(getattr(model, "peft_config", {}))
-        raise ValueError(f"{what}: no PiCa adapter named {adapter_name!r} in the model; adapters: {have}")
+        peft_type = getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__
+        advice = ("a LoRA adapter needs no export: save or serve it as it is (merged: peft's merge_and_unload)"
+                  if str(peft_type).upper() == "LORA" else "merge it with peft's merge_and_unload() instead")
+        raise ValueError(f"{what}: adapter {adapter_name!r} is a {peft_type} adapter, not PiCa; {what} converts "
+                         f"PiCa adapters only; {advice}")
     return config
+
+
+def _inputs(config: PiCaConfig) -> dict[str, str | None]:
+    """What an export must never replace: the base model directory (the working directory always)."""
+    base = config.base_model_name_or_path
+    return {"base model (base_model_name_or_path)": base if base and Path(base).is_dir() else None}
 
 
 def serving_limits(rank: int, modules_to_save: list[str] | None) -> list[str]:
@@ -97,6 +109,8 @@ def export_lora(
     Raises:
         ValueError: no PiCa adapter of that name.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        pica.io.OutputWouldDeleteInputError: with ``overwrite``, ``out_dir`` is or contains the base
+            model directory (``base_model_name_or_path``) or the current directory.
     """
     config = _pica_config(model, adapter_name, "export_lora")
     base = model.get_base_model()
@@ -115,7 +129,7 @@ def export_lora(
         modules_to_save=config.modules_to_save, task_type=config.task_type, bias="none",
         base_model_name_or_path=config.base_model_name_or_path, revision=config.revision,
     )
-    with atomic_directory(out_dir, overwrite, "export_lora") as staging:
+    with atomic_directory(out_dir, overwrite, "export_lora", _inputs(config)) as staging:
         lora.save_pretrained(staging)
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
     for problem in serving_limits(config.rank, config.modules_to_save):
@@ -202,12 +216,14 @@ def export_merged(
     Raises:
         ValueError: see :func:`merged_state_dict`.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        pica.io.OutputWouldDeleteInputError: with ``overwrite``, ``out_dir`` is or contains the base
+            model directory (``base_model_name_or_path``) or the current directory.
     """
     config = _pica_config(model, adapter_name, "export_merged")
     state = merged_state_dict(model, adapter_name)
     if tokenizer is None:
         tokenizer = _local_tokenizer(config.base_model_name_or_path)
-    with atomic_directory(out_dir, overwrite, "export_merged") as staging:
+    with atomic_directory(out_dir, overwrite, "export_merged", _inputs(config)) as staging:
         model.get_base_model().save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -41,7 +41,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdapterFileError",
+    "OutputWouldDeleteInputError",
     "atomic_directory",
     "atomic_directory_update",
+    "check_output_directory",
     "check_safetensors_file",
     "directory_lock",
     "finish_interrupted_save",
     "read_json_object",
     "reading_directory",
+    "refuse_replacing_inputs",
 ]
 
 
@@ -470,8 +473,34 @@ def _inside(out_dir: Path) -> Iterator[Path]:
         _remove(staging)
 
 
+def check_output_directory(out_dir: str | os.PathLike, overwrite: bool, what: str = "output",
+                           inputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:
+    """Refuse an output directory before any work is done (also called by :func:`atomic_directory`).
+
+    Args:
+        out_dir: the directory to write.
+        overwrite: whether an existing, non-empty ``out_dir`` may be replaced.
+        what: the option or function named in errors (``"output_dir"``, ``"export_lora"``).
+        inputs: the run's inputs by name; ``out_dir`` must not be or contain one of them, nor the
+            working directory (:func:`refuse_replacing_inputs`, which is always applied).
+
+    Raises:
+        OutputWouldDeleteInputError: replacing ``out_dir`` would delete an input or the working directory.
+        NotADirectoryError: ``out_dir`` exists and is not a directory.
+        FileExistsError: ``out_dir`` holds files and ``overwrite`` is False (an empty one is used as it is).
+    """
+    out_dir = Path(out_dir)
+    refuse_replacing_inputs(out_dir, inputs or {}, what)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{what}: {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and not overwrite and _has_entries(out_dir):
+        raise FileExistsError(f"{what}: {out_dir} exists and is not empty; pass --overwrite (overwrite=True) to "
+                              "replace it")
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, what: str = "output",
+                     inputs: Mapping[str, str | os.PathLike | None] | None = None) -> Iterator[Path]:
     """Yield an empty staging directory that becomes ``out_dir`` only if the block succeeds.
 
     The staging directory is a hidden sibling of ``out_dir`` (``.<name>.pica-partial-*``, same
@@ -489,10 +518,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, what: 
         out_dir: the directory to create. An existing empty one is used without ``overwrite``.
         overwrite: replace an existing ``out_dir``.
         what: a name for error messages (e.g. ``"export_lora"``).
+        inputs: what the caller read, by name: never replaced (:func:`check_output_directory`).
 
     Raises:
-        FileExistsError: ``out_dir`` exists, is not empty, and ``overwrite`` is False (before any work).
-        NotADirectoryError: ``out_dir`` exists and is a file.
+        OutputWouldDeleteInputError, NotADirectoryError, FileExistsError: as
+            :func:`check_output_directory` (before any work).
         OSError: a write or flush failed (nothing replaced), naming the file.
     """
     out_dir = Path(out_dir)
@@ -501,10 +531,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, what: 
     out_dir = out_dir.absolute()
     if out_dir.parent.is_dir():
         _finish_beside(out_dir.parent)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{what}: {out_dir} exists and is not a directory")
-    if out_dir.exists() and not overwrite and _has_entries(out_dir):
-        raise FileExistsError(f"{what}: {out_dir} exists; pass overwrite=True to replace it")
+    check_output_directory(out_dir, overwrite, what, inputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     writer = _beside if _stages_beside(out_dir) else _inside
     with writer(out_dir) as staging:
@@ -517,18 +544,35 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, what: 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON file that must hold an object.
 
+    Arrays and objects may nest at most 100 levels deep: no adapter or run file needs more, and a
+    deeper value (a crafted ``[[[[...]]]]``) would otherwise end in a ``RecursionError`` here or in
+    whatever walks the value next.
+
     Raises:
-        AdapterFileError: missing file, invalid JSON (with line/column), or not an object.
+        AdapterFileError: missing file or not a regular file, unreadable, invalid JSON (with
+            line/column), nested too deeply, or not an object.
     """
+    max_depth = 100
     path = Path(path)
     if not path.is_file():
-        raise AdapterFileError(f"{path} does not exist")
+        raise AdapterFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))  # a leading UTF-8 BOM is allowed
     except UnicodeDecodeError as error:
         raise AdapterFileError(f"{path} is not UTF-8 text: {error}") from error
     except json.JSONDecodeError as error:
         raise AdapterFileError(f"{path} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)") from None
+    except OSError as error:
+        raise AdapterFileError(f"{path} cannot be read: {error}") from error
+    level, depth = [value], 0
+    while level:  # breadth-first, one nesting level per pass: no recursion
+        depth += 1
+        if depth > max_depth:
+            raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)")
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item) if isinstance(child, (dict, list))]
     if not isinstance(value, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -556,3 +600,55 @@ def check_safetensors_file(path: str | os.PathLike) -> list[str]:
             return list(handle.keys())
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterFileError(f"{path} is not a valid safetensors file (truncated or corrupt?): {error}") from error
+
+
+
+class OutputWouldDeleteInputError(ValueError):
+    """Replacing an output directory would delete one of the run's inputs (or the working directory)."""
+
+
+def refuse_replacing_inputs(
+    out_dir: str | os.PathLike,
+    inputs: Mapping[str, str | os.PathLike | None],
+    what: str = "output",
+) -> None:
+    """Refuse an output directory whose replacement (``overwrite``) would delete an input.
+
+    Replacing ``out_dir`` deletes everything under it, so it must neither be nor contain an input
+    (model, data file, recipe, the adapter being read, ...) nor the current working directory (or
+    hold it as a subdirectory: ``--output-dir .`` or ``--output-dir ..``). An output *inside* an
+    input (``--output-dir RUN/eval``) is fine. Paths are compared both as written (made absolute)
+    and with symlinks resolved, so a link on either side is seen through. Inputs that do not exist
+    on disk (hub ids, dataset names, ``None``) cannot be deleted and are skipped; so is an
+    ``out_dir`` that does not exist yet.
+
+    Args:
+        out_dir: the directory that would be replaced.
+        inputs: a name for each input (``"model"``, ``"train_data"``, ...) → its path.
+        what: the option or function named in the error (e.g. ``"output_dir"``, ``"export_lora"``).
+
+    Raises:
+        OutputWouldDeleteInputError: naming the output and the input it would delete.
+    """
+
+    def forms(path: str | os.PathLike) -> set[Path]:
+        written = Path(os.path.abspath(Path(path).expanduser()))
+        return {written, written.resolve()}
+
+    if not Path(out_dir).expanduser().exists():
+        return
+    outputs = forms(out_dir)
+    candidates = [(name, path) for name, path in inputs.items() if path is not None and str(path) != ""]
+    candidates.append(("current working directory", Path.cwd()))
+    for name, path in candidates:
+        if not Path(path).expanduser().exists():
+            continue
+        for output in outputs:
+            for form in forms(path):
+                if form == output or output in form.parents:
+                    relation = "is" if form == output else "contains"
+                    raise OutputWouldDeleteInputError(
+                        f"{what}: refusing to replace {out_dir}: it {relation} the {name} {path} (replacing it "
+                        "would delete it); choose another output directory"
+                    )
+

@@ -131,6 +131,6 @@ def test_existing_out_needs_overwrite(trained, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("old")
     assert main(["analyze", adapter, "--out", str(out)]) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main(["analyze", adapter, "--out", str(out), "--overwrite"]) == 0
     assert (out / "report.json").is_file() and not (out / "keep.txt").exists()

@@ -151,7 +151,7 @@ def test_malformed_row_is_reported_before_anything_is_written(data, tmp_path):
 def test_existing_output_needs_overwrite_and_failed_run_keeps_old_output(data, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
-    with pytest.raises(RecipeError, match="exists; pass --overwrite"):
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
         prepare(_recipe(data, tmp_path))
     broken = fake_generative_task()
     original = get_task("classify")

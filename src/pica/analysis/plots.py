@@ -7,7 +7,10 @@ from pathlib import Path
 
 from ..naming import parse_module_path
 
-__all__ = ["plot_report"]
+__all__ = ["NO_CHANGE", "plot_report"]
+
+NO_CHANGE = "no layer changed (ΔW = 0)"
+"""Text drawn in place of a plot when the update is zero everywhere (e.g. an untrained adapter)."""
 
 
 def plot_report(report: dict, out_dir: str | Path, title: str = "") -> list[Path]:
@@ -18,6 +21,9 @@ def plot_report(report: dict, out_dir: str | Path, title: str = "") -> list[Path
         report: output of :func:`pica.analysis.analyze_weight_pairs`.
         out_dir: directory for the PNG files (created).
         title: prefix of the figure titles.
+
+    If no layer changed (``ΔW = 0`` everywhere, e.g. PiCa with ``M = 0``), the same files are
+    written with :data:`NO_CHANGE` in place of the bars and the heatmap.
 
     Returns:
         Paths of the written files.
@@ -51,16 +57,23 @@ def plot_report(report: dict, out_dir: str | Path, title: str = "") -> list[Path
         ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label=f"random subspace ({baseline:.2f})")
     ax.set(xlabel="layer", ylabel="‖ΔW PᵀP‖² / ‖ΔW‖²", ylim=(0, 1.05), xticks=[i + 0.4 - width / 2 for i in range(depth)],
            xticklabels=range(depth), title=f"{title} energy of ΔW in W0's top-{report['settings']['rank']} subspace".strip())
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if roles:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.text(0.5, 0.5, NO_CHANGE, ha="center", va="center", transform=ax.transAxes)
     written.append(_save(fig, out_dir / "energy_fraction.png"))
 
     epsilon = f"{report['settings']['epsilon']:g}"
     grid = [[by_role[role].get(i, {}).get("intruders", {}).get(epsilon, math.nan) for i in range(depth)] for role in roles]
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * depth + 3), 0.45 * len(roles) + 1.5))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=report["settings"]["top_k"])
-    ax.set(yticks=range(len(roles)), yticklabels=short, xlabel="layer",
-           title=f"{title} intruder dimensions (top-{report['settings']['top_k']}, ε={epsilon})".strip())
-    fig.colorbar(image, ax=ax)
+    ax.set(title=f"{title} intruder dimensions (top-{report['settings']['top_k']}, ε={epsilon})".strip())
+    if roles:
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=report["settings"]["top_k"])
+        ax.set(yticks=range(len(roles)), yticklabels=short, xlabel="layer")
+        fig.colorbar(image, ax=ax)
+    else:  # nothing to draw: say so instead of an empty heatmap
+        ax.text(0.5, 0.5, NO_CHANGE, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
     written.append(_save(fig, out_dir / "intruders.png"))
 
     sweep = report["summary"]["intruders_sweep"]

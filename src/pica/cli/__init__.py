@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 import typing
 import warnings
 from typing import Any, Literal, Optional, Sequence, Union
@@ -175,8 +176,33 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input (files, flags, paths, permissions) raises: reported as a message, not a traceback."""
+    import csv
+
+    import yaml
+
+    from ..io import AdapterFileError
+    from ..recipes.config import RecipeError
+
+    errors: list[type[BaseException]] = [RecipeError, AdapterFileError, ValueError, OSError, csv.Error,
+                                         yaml.YAMLError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    return tuple(errors)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``pica`` console script; returns the exit status."""
+    """Entry point of the ``pica`` console script; returns the exit status.
+
+    Errors caused by the user's input (recipe, flags, data, model and adapter files, output paths,
+    permissions) print ``pica <command>: error: <message naming the file or field>`` and return 2;
+    with ``-v`` the traceback is printed too. Anything else is a bug and propagates.
+    """
     args = build_parser().parse_args(argv)
     install_signal_handlers()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -186,15 +212,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         transformers_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
-    from ..recipes.config import RecipeError, RunsFailedError
+    from ..recipes.config import RunsFailedError
     from . import commands
 
     try:
         return getattr(commands, f"run_{args.command}")(args)
-    except RunsFailedError as error:
+    except RunsFailedError as error:  # the finished runs were published; say which failed
         print(error.results["table"], file=sys.stderr)
         print(f"pica {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except (RecipeError, ValueError, FileNotFoundError) as error:
+    except _user_errors() as error:  # ValueError covers json/Unicode decoding errors; OSError: missing, denied, ...
+        if args.verbose:
+            traceback.print_exc()
         print(f"pica {args.command}: error: {error}", file=sys.stderr)
         return 2

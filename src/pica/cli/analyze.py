@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AnalysisInput", "find_inputs", "load_pairs", "run_analyze"]
 
@@ -41,7 +44,9 @@ def _base_for(directory: Path, kind: str, info: dict[str, Any], base: Optional[s
     if info.get("model"):
         return str(info["model"])
     if kind == "adapter":
-        recorded = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        from ..recipes.saved import adapter_config
+
+        recorded = adapter_config(directory)
         if recorded.get("base_model_name_or_path"):
             return str(recorded["base_model_name_or_path"])
     raise ValueError(f"no base model known for {directory}: pass --base")
@@ -54,7 +59,7 @@ def find_inputs(path: str | Path, base: Optional[str] = None) -> list[AnalysisIn
         FileNotFoundError: ``path`` (or ``--base``) does not exist or holds no adapter/model/run.
         ValueError: the base model is unknown (no ``--base``, ``run.json`` or adapter record).
     """
-    from ..recipes.saved import find_saved
+    from ..recipes.saved import find_saved, read_run_info
 
     path = Path(path)
     if not path.is_dir():
@@ -65,7 +70,7 @@ def find_inputs(path: str | Path, base: Optional[str] = None) -> list[AnalysisIn
         runs = sorted(p.parent for p in path.glob("*/seed*/run.json"))
         inputs = []
         for run in runs:
-            info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+            info = read_run_info(run / "run.json")
             if not info.get("saved"):
                 continue  # trained with save_model: false
             directory, kind, info = find_saved(run)
@@ -82,7 +87,9 @@ def find_inputs(path: str | Path, base: Optional[str] = None) -> list[AnalysisIn
 def default_rank(item: AnalysisInput) -> int:
     """The adapter's own rank for PiCa, else :data:`DEFAULT_RANK`."""
     if item.kind == "adapter":
-        recorded = json.loads((item.directory / "adapter_config.json").read_text(encoding="utf-8"))
+        from ..recipes.saved import adapter_config
+
+        recorded = adapter_config(item.directory)
         if str(recorded.get("peft_type", "")).upper() == "PICA" and isinstance(recorded.get("rank"), int):
             return recorded["rank"]
     return DEFAULT_RANK
@@ -93,16 +100,9 @@ def _num_labels(item: AnalysisInput) -> Optional[int]:
     recorded = item.info.get("task_options", {}).get("num_labels")
     if recorded:
         return int(recorded)
-    from safetensors import safe_open
+    from ..recipes.saved import saved_head_size
 
-    weights = item.directory / "adapter_model.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                parts = key.split(".")
-                if parts[-1] == "weight" and {"classifier", "score"} & set(parts):
-                    return handle.get_slice(key).get_shape()[0]
-    return None
+    return saved_head_size(item.directory)
 
 
 def load_pairs(item: AnalysisInput):
@@ -113,6 +113,7 @@ def load_pairs(item: AnalysisInput):
 
     from ..analysis import linear_weights, weight_pairs
     from ..recipes.models import load_base_model, model_source
+    from ..recipes.saved import adapter_config
 
     gguf_file = item.info.get("gguf_file")
     if item.kind == "model":
@@ -120,7 +121,7 @@ def load_pairs(item: AnalysisInput):
         base = AutoModel.from_pretrained(source, dtype=torch.float32, **extra)
         tuned = AutoModel.from_pretrained(str(item.directory), dtype=torch.float32)
         return weight_pairs(base, tuned)
-    recorded = json.loads((item.directory / "adapter_config.json").read_text(encoding="utf-8"))
+    recorded = adapter_config(item.directory)
     if item.info.get("task"):
         from ..recipes.tasks import get_task
 
@@ -180,9 +181,6 @@ def _check_args(args: argparse.Namespace) -> None:
         bad = [v for v in values if not 0 < v <= 1]
         if bad:
             raise ValueError(f"{name} must be in (0, 1], got {bad}")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -190,10 +188,15 @@ def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis import analyze_weight_pairs
     from ..analysis.plots import plot_report
     from ..analysis.report import DEFAULT_EPSILONS
-    from ..io import atomic_directory
+    from ..io import atomic_directory, check_output_directory
 
     _check_args(args)
     inputs = find_inputs(args.tuned, args.base)
+    read = {"tuned": args.tuned, "--base": args.base}
+    for item in inputs:
+        of = f" of {item.name}" if item.name else ""
+        read.update({f"adapter/model{of}": item.directory, f"base model{of}": item.base})
+    check_output_directory(args.out, args.overwrite, "--out", read)
     reports = []
     for item in inputs:  # everything is computed before anything is written
         rank = args.rank if args.rank is not None else default_rank(item)
@@ -202,7 +205,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         report["inputs"] = {"tuned": str(item.directory), "kind": item.kind, "base": item.base,
                             "method": item.info.get("method"), "seed": item.info.get("seed")}
         reports.append((item, report))
-    with atomic_directory(args.out, overwrite=args.overwrite, what="pica analyze") as staging:
+        if not report["summary"]["changed_layers"]:
+            logger.warning("%s: no layer changed (ΔW = 0 everywhere, e.g. an untrained PiCa adapter with M = 0): the "
+                           "report lists every layer as unchanged and the plots are empty", item.directory)
+    with atomic_directory(args.out, args.overwrite, "--out", read) as staging:
         summary = {}
         for item, report in reports:
             target = staging / item.name if item.name else staging

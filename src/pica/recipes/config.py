@@ -178,26 +178,85 @@ def _check(name: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"recipe field {name}: unsupported annotation {hint!r}")  # pragma: no cover
 
 
+MAX_RECIPE_BYTES = 1 << 20
+"""Largest recipe file read (1 MiB): a recipe is a few dozen keys."""
+MAX_RECIPE_DEPTH = 20
+"""Deepest nesting of lists/mappings in a recipe (``per_method`` → method → key → value is 4)."""
+
+
+def _recipe_loader():
+    """A ``yaml.SafeLoader`` subclass that refuses aliases (``*name``).
+
+    Aliases are what a "billion laughs" bomb is made of (a few lines expanding to 10⁹ list items,
+    hanging the process before any validation); no recipe needs them.
+    """
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"YAML aliases (*{event.anchor}) are not allowed in a recipe; write the value out",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
+
+
+def _nesting_depth(value: Any, limit: int) -> int:
+    """Levels of nested lists/mappings in ``value`` (0 for a scalar), counted up to ``limit + 1``,
+    one level per pass (no recursion)."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        level = [item for item in level if isinstance(item, (dict, list))]
+        if not level:
+            break
+        depth += 1
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
 def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON recipe into a dict, checking its keys.
 
+    Bounded, so a hostile or broken file fails fast with a message: at most
+    :data:`MAX_RECIPE_BYTES` bytes, no YAML aliases, at most :data:`MAX_RECIPE_DEPTH` levels of
+    nesting. A leading UTF-8 byte-order mark is accepted.
+
     Raises:
         FileNotFoundError: naming the path.
-        RecipeError: not a mapping, unparsable, or keys that are not recipe fields (named).
+        RecipeError: too large, not UTF-8, nested too deeply, uses YAML aliases, unparsable, not a
+            mapping, or keys that are not recipe fields (named).
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise RecipeError(f"recipe {path}: not a regular file")
         raise FileNotFoundError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path}: {size} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES})")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"recipe {path}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise RecipeError(f"recipe {path}: cannot read: {error}") from None
+    too_deep = RecipeError(f"recipe {path}: nested too deeply (more than {MAX_RECIPE_DEPTH} levels of lists/mappings)")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506  (a SafeLoader subclass)
         else:
             data = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
     except Exception as error:  # yaml.YAMLError / json.JSONDecodeError
         raise RecipeError(f"recipe {path}: cannot parse: {error}") from error
+    if _nesting_depth(data, MAX_RECIPE_DEPTH) > MAX_RECIPE_DEPTH:
+        raise too_deep
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: top level must be a mapping of keys, got {type(data).__name__}")

@@ -59,20 +59,47 @@ class PreparedRun:
 
 
 def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
-            eval_examples: Optional[list[dict]] = None) -> PreparedRun:
+            eval_examples: Optional[list[dict]] = None, inputs: Optional[dict[str, Optional[str]]] = None
+            ) -> PreparedRun:
     """Validate everything and load the data; writes nothing.
+
+    Local paths of the recipe (``model``, ``train_data``, ``eval_data``) are made absolute in the
+    returned recipe, so ``run.json``, ``config.yaml`` and the adapters' ``base_model_name_or_path``
+    still point at them from another directory (hub ids and dataset names stay as written).
+
+    Args:
+        recipe: the resolved recipe.
+        train_examples: examples to train on instead of ``recipe.train_data`` (e.g. the demo's).
+        eval_examples: examples to evaluate on instead of ``recipe.eval_data``.
+        inputs: further input files that ``output_dir`` must not replace, by name
+            (e.g. ``{"recipe": path}``); the recipe's own model and data are always checked.
 
     Raises:
         RecipeError / ValueError / FileNotFoundError: naming the key, task, file and line at fault.
+        pica.io.OutputWouldDeleteInputError, NotADirectoryError, FileExistsError: ``output_dir`` is or
+            contains an input or the current directory, is a file, or is not empty without ``overwrite``.
     """
+    import dataclasses
+
+    from ..io import check_output_directory
+    from .models import absolute_if_local
+
     task = get_task(recipe.task)
     if recipe.model is None:
         raise RecipeError("model is required (--model or the recipe key 'model')")
+    paths = ("model", "train_data", "eval_data")
+    per_method = {method: {key: absolute_if_local(value) if key in paths else value for key, value in values.items()}
+                  for method, values in recipe.per_method.items()}
+    recipe = dataclasses.replace(recipe, per_method=per_method,
+                                 **{key: absolute_if_local(getattr(recipe, key)) for key in paths})
     output = Path(recipe.output_dir)
-    if output.exists() and not recipe.overwrite:
-        raise RecipeError(f"output_dir {output} exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise RecipeError(f"output_dir {output} exists and is not a directory")
+    checked = {**(inputs or {}), **{key: getattr(recipe, key) for key in paths}}
+    for method in recipe.methods:  # per_method may name another model or GGUF file
+        resolved = recipe.for_method(method)
+        checked[f"model of {method}"] = resolved.model
+        if resolved.gguf_file and resolved.model:
+            checked[f"gguf_file of {method}"] = str(Path(resolved.model) / resolved.gguf_file)
+    check_output_directory(output, recipe.overwrite, "output_dir", checked)
     options = dict(recipe.task_options)
     if train_examples is None:
         if recipe.train_data is None:

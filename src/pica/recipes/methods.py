@@ -66,7 +66,7 @@ def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind:
         return model
     task_type = TaskType.SEQ_CLS if task_kind == "classification" else TaskType.CAUSAL_LM
     targets = target_modules_for(model, recipe)
-    saved = heads or None
+    saved = list(heads) or None  # a copy: peft extends modules_to_save in place (adds classifier/score for SEQ_CLS)
     if method == "pica":
         config = PiCaConfig(rank=recipe.rank, target_modules=targets, share_across_layers=recipe.share,
                             subspace=recipe.subspace, subspace_seed=recipe.subspace_seed, modules_to_save=saved,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,9 +13,20 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_base_model", "load_tokenizer", "model_source"]
+__all__ = ["absolute_if_local", "load_base_model", "load_tokenizer", "model_source"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def absolute_if_local(path: Optional[str]) -> Optional[str]:
+    """``path`` as an absolute path if it names a file or directory on disk, else unchanged.
+
+    Recorded paths (``run.json``, an adapter's ``base_model_name_or_path``) must not depend on the
+    directory a later ``pica eval`` runs from; hub ids and dataset names stay as they are.
+    """
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return os.path.abspath(Path(path).expanduser())
 
 
 def model_source(model: str, gguf_file: Optional[str]) -> tuple[str, dict[str, Any]]:
