@@ -246,3 +246,31 @@ def test_sigterm_during_a_write_leaves_nothing_behind(tmp_path):
     child.terminate()
     assert child.wait(timeout=60) == 128 + 15
     assert list(tmp_path.iterdir()) == []
+
+
+def test_peft_save_and_export_onto_a_mount_point_under_a_read_only_parent(tmp_path, other_filesystem, read_only):
+    """What Trainer.save_model does after training, into a docker volume: must work as plain peft does."""
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    import pica
+    from tests.conftest import example_inputs, make_llama, model_output, randomize_updates
+
+    model = get_peft_model(make_llama(), pica.PiCaConfig(rank=4))
+    randomize_updates(model)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    other_filesystem(volume)
+    read_only(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(volume / "adapter")  # a new directory on the volume
+        model.save_pretrained(volume)  # the mount point itself
+        pica.export_lora(model, volume / "lora")
+    finally:
+        os.umask(previous)
+    for path in (volume / "adapter", volume):
+        loaded = PeftModel.from_pretrained(make_llama(), path)
+        assert torch.equal(model_output(loaded, example_inputs("llama")), model_output(model, example_inputs("llama")))
+    assert stat.S_IMODE((volume / "lora").stat().st_mode) == 0o755  # readable by a serving process of another user
+    assert not [p for p in volume.rglob(".pica-*")]
