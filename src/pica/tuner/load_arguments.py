@@ -32,6 +32,8 @@ _UNSUPPORTED = {  # argument -> (the one value PiCa supports, why no other)
     "use_safetensors": (True, "PiCa adapters are read from adapter_model.safetensors only"),
 }
 _OFFLOAD = ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index")  # used by peft's load_adapter
+_DESCRIPTIVE = frozenset({"inference_mode", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"})
+"""Config fields that do not change what an adapter's tensors mean (peft fills some in when saving)."""
 _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(PiCaConfig)) | {"store_projector"}
 
 
@@ -93,7 +95,7 @@ def check_load_arguments(original: Callable, values: dict[str, Any], model: nn.M
     if existing is not None:
         ours, theirs = existing.to_dict(), config.to_dict()
         differ = sorted(key for key in ours.keys() | theirs.keys()
-                        if key != "inference_mode" and ours.get(key) != theirs.get(key))
+                        if key not in _DESCRIPTIVE and ours.get(key) != theirs.get(key))
         if differ:
             raise ValueError(f"{where}: adapter {values['adapter_name']!r} already exists with another config "
                              f"(fields {differ} differ); load it under a new adapter_name or delete_adapter() first")
