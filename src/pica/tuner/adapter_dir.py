@@ -64,9 +64,13 @@ def validate_adapter_directory(path: str | os.PathLike) -> PiCaConfig | None:
 def pica_adapter(values: dict[str, Any]) -> tuple[Path, Any] | None:
     """(local directory, config) if the call loads a PiCa adapter, else None (Hub files are downloaded)."""
     model_id, subfolder, config = values["model_id"], values.get("subfolder"), values.get("config")
-    if config is not None and not isinstance(config, PiCaConfig):
-        return None
     path = local_path(model_id, subfolder)
+    if config is not None and not isinstance(config, PiCaConfig):
+        file = path / CONFIG_NAME if path is not None else None
+        if file is not None and file.is_file() and read_json_object(file).get("peft_type") == PICA_PEFT_TYPE.value:
+            raise AdapterFileError(f"{file}: a PiCa adapter, but config is a {type(config).__name__}: peft would load "
+                                   "its tensors as that method's (and drop them); pass no config or a PiCaConfig")
+        return None
     if path is None:  # a Hub id: peft's own resolution, then the same checks on the downloaded files
         hub = {k: values[k] for k in ("revision", "cache_dir", "token", "local_files_only") if values.get(k) is not None}
         try:

@@ -40,7 +40,8 @@ from peft.utils.constants import CONFIG_NAME
 
 from ..io import atomic_directory_update
 from .config import PiCaConfig
-from .loading import call_arguments, load_checked, refuse_transformers_load_adapter, validated_weights
+from .load_arguments import call_arguments
+from .loading import load_checked, refuse_transformers_load_adapter, validated_weights
 
 logger = logging.getLogger(__name__)
 

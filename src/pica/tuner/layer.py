@@ -31,7 +31,7 @@ from .forms import use_merged_form
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "pica_layers"]
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "merged_adapter_names", "pica_layers"]
 
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
     """The base weight in PyTorch ``(out_features, in_features)`` layout (a view for ``Conv1D``)."""
@@ -47,6 +47,11 @@ def pica_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterato
     for name, module in model.named_modules():
         if isinstance(module, PiCaLayer) and (adapter_name is None or adapter_name in module.pica_P):
             yield name, module
+
+
+def merged_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into any PiCa layer's base weight in ``model`` (sorted)."""
+    return sorted({name for _, layer in pica_layers(model) for name in layer.merged_adapters})
 
 
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -3,7 +3,9 @@
 ``PeftModel.from_pretrained(base, path)`` and ``peft_model.load_adapter(path, name)`` of a PiCa
 adapter run :func:`load_checked` (installed around both by :mod:`pica.tuner.integration`):
 
-1. **Validate before building.** :func:`pica.tuner.adapter_dir.pica_adapter` and :func:`read_adapter`
+1. **Validate before building.** :func:`pica.tuner.load_arguments.check_load_arguments` refuses
+   arguments peft would ignore (or a load into merged layers, or over an existing adapter of another
+   config); :func:`pica.tuner.adapter_dir.pica_adapter` and :func:`read_adapter`
    check the directory, ``adapter_config.json``
    (a valid ``PiCaConfig``) and every tensor of ``adapter_model.safetensors``: a complete file,
    floating dtypes, finite values, shapes that fit the config's rank, ``P`` rows orthonormal to
@@ -16,9 +18,10 @@ adapter run :func:`load_checked` (installed around both by :mod:`pica.tuner.inte
    b. peft's ``load_peft_weights`` returns the validated tensors (:func:`validated_weights`), so
       the file is read once, by safetensors: no pickle reader is ever reached;
    c. peft's ``set_peft_model_state_dict`` calls the tuner's remap hook, which calls
-      :func:`check_for_model`: each ``M``, ``P`` and fingerprint the layers need is there with its
-      shape, every fingerprint matches this base, compact sketches are matched, and no tensor is
-      left that the config does not account for.
+      :func:`check_for_model`: each ``M``, ``P``, fingerprint and ``modules_to_save`` tensor the
+      layers and wrappers need is there with its shape, finite in the dtype it is loaded into, every
+      fingerprint matches this base, compact sketches are matched, and no tensor is left that the
+      config does not account for (``modules_to_save`` file keys are checked in b, before peft renames them).
 3. **Restore on any error.** ``restore_on_error`` puts the model back exactly (module tree,
    parameters, buffers, hooks, attributes, ``requires_grad``, training flags) and the error is raised
    as :class:`pica.io.AdapterFileError` naming the adapter.
@@ -33,7 +36,6 @@ which keeps no tuner, and PiCa's shared ``M`` lives on the tuner.
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +44,6 @@ from typing import Any
 
 import torch
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,14 +53,15 @@ from ..fingerprint import FINGERPRINT_SIZE, FINGERPRINT_TOLERANCE
 from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
 from .adapter_dir import local_path, pica_adapter, validate_adapter_directory
 from .adapter_state import UPDATE_PREFIX, state_dict_module_name
+from .auxiliary_state import auxiliary_tensors, check_auxiliary_file_keys
+from .load_arguments import call_arguments, check_load_arguments
 from .config import PiCaConfig
 from .layer import base_weight_out_in, pica_layers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ORTHONORMAL_TOLERANCE", "call_arguments", "check_for_model", "load_checked", "projectors_being_loaded",
-           "read_adapter", "refuse_transformers_load_adapter",
-           "validated_weights"]
+__all__ = ["ORTHONORMAL_TOLERANCE", "check_for_model", "load_checked", "projectors_being_loaded", "read_adapter",
+           "refuse_transformers_load_adapter", "validated_weights"]
 
 ORTHONORMAL_TOLERANCE = 1e-4
 """Largest accepted ``|P Pᵀ − I|`` entry of a stored ``P`` (saved ones are orthonormal to ~1e-6 in fp32)."""
@@ -70,18 +72,10 @@ class _Load:
     adapter_name: str
     path: Path
     tensors: dict[str, torch.Tensor]
+    model: nn.Module  # the PeftModel, or the base model a PeftModel is being built around
 
 
 _LOADING: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("pica_loading", default=None)
-
-
-def call_arguments(function: Callable, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """A call's arguments by name (defaults filled in, ``**kwargs`` merged), however they were passed."""
-    bound = inspect.signature(function).bind_partial(*args, **kwargs)
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    values.update(values.pop("kwargs", None) or {})
-    return values
 
 
 # ------------------------------------------------------------------------------- 1. validate files
@@ -152,6 +146,9 @@ def validated_weights(original: Callable, model_id: Any, *args: Any, **kwargs: A
     values = call_arguments(original, model_id, *args, **kwargs)
     if values.get("key_mapping"):
         raise AdapterFileError(f"{load.path}: key_mapping is not supported for PiCa adapters")
+    problems = check_auxiliary_file_keys(load.model, load.adapter_name, set(load.tensors))
+    if problems:
+        raise AdapterFileError(f"{load.path / SAFETENSORS_WEIGHTS_NAME}: " + "; ".join(problems[:6]))
     device = values.get("device")
     return {key: tensor.to(device) if device else tensor for key, tensor in load.tensors.items()}
 
@@ -171,15 +168,20 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
         its sketch; ``"none"``: as computed at injection) and without the sketches.
 
     Raises:
-        ValueError: naming modules with missing/mis-shaped/non-finite tensors, a fingerprint of
-            another base, a missed sketch, or tensors the config does not account for.
+        ValueError: naming modules with missing/mis-shaped/non-finite tensors (finite in the dtype
+            of the tensor each is loaded into: ``M`` float32, a ``modules_to_save`` head the model's
+            dtype), a fingerprint of another base, a missed sketch, or tensors the config does not
+            account for (``modules_to_save`` tensors are those of peft's wrappers for this adapter,
+            :func:`pica.tuner.auxiliary_state.auxiliary_tensors`).
     """
     load = _LOADING.get()
     validated = load is not None and load.adapter_name == adapter_name
     result, problems, mismatched = dict(state_dict), [], []
     consumed: set[str] = set()
 
-    def need(key: str, what: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def need(key: str, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The tensor under ``key`` if it is there with ``shape``, sound, and finite in ``dtype`` (the dtype
+        of the tensor it is loaded into); else None, with the problem recorded."""
         tensor = state_dict.get(key)
         consumed.add(key)
         if tensor is None:
@@ -188,24 +190,30 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
             problems.append(f"{what} has shape {tuple(tensor.shape)}, expected {shape}")
         elif not validated and (problem := check_tensor(key, tensor, config.rank)):
             problems.append(problem)
+        elif not torch.isfinite(tensor.to(dtype)).all():
+            problems.append(f"{what} ({tensor.dtype}) has values that are not finite in {dtype}, the dtype it is loaded into")
         else:
             return tensor
         return None
 
     layers = list(pica_layers(model, adapter_name))
-    groups = {layer.pica_group[adapter_name]: (layer.out_features, layer.rank[adapter_name]) for _, layer in layers}
-    for key, shape in groups.items():  # shapes from the layers: under FSDP the live M may be a flat shard
-        need(f"{UPDATE_PREFIX}{adapter_name}.{key}", f"M of group '{key}'", shape)
+    groups = {layer.pica_group[adapter_name]: layer for _, layer in layers}
+    for key, layer in groups.items():  # shapes from the layers: under FSDP the live M may be a flat shard
+        need(f"{UPDATE_PREFIX}{adapter_name}.{key}", f"M of group '{key}'", (layer.out_features, layer.rank[adapter_name]),
+             layer._pica_updates[adapter_name][key].dtype)
+    for tensor in auxiliary_tensors(model, adapter_name):
+        need(tensor.model_key, f"modules_to_save tensor {tensor.file_key}", tuple(tensor.target.shape), tensor.target.dtype)
     for name, layer in layers:
         name = state_dict_module_name(name)
-        stored = need(f"{name}.pica_fingerprint.{adapter_name}", f"{name}: fingerprint", (FINGERPRINT_SIZE,))
+        stored = need(f"{name}.pica_fingerprint.{adapter_name}", f"{name}: fingerprint", (FINGERPRINT_SIZE,),
+                      layer.pica_fingerprint[adapter_name].dtype)
         if stored is not None and not layer.pica_fingerprint[adapter_name].is_meta:
             distance = layer.fingerprint_distance(adapter_name, stored)
             if distance > FINGERPRINT_TOLERANCE:
                 mismatched.append(f"{name} (distance {distance:.3g})")
         p_key, shape = f"{name}.pica_P.{adapter_name}", (layer.rank[adapter_name], layer.in_features)
         if config.projector_storage == "full":
-            need(p_key, f"{name}: P", shape)
+            need(p_key, f"{name}: P", shape, layer.pica_P[adapter_name].dtype)
         elif p_key in state_dict:
             problems.append(f"{name}: the file stores P but projector_storage is {config.projector_storage!r}")
         elif config.projector_storage == "compact":
@@ -214,10 +222,7 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
             _align_projector(problems, result, name, layer, adapter_name, p_key, result.pop(sketch_key, None))
         else:
             result[p_key] = layer.pica_P[adapter_name]
-    auxiliary = tuple(state_dict_module_name(name) + "." for name, module in model.named_modules()
-                      if isinstance(module, AuxiliaryTrainingWrapper))
-    unused = sorted(key for key in state_dict if key not in consumed
-                    and not (key.startswith(auxiliary) and f".{adapter_name}." in key))
+    unused = sorted(key for key in state_dict if key not in consumed)
     if unused:
         problems.append(f"{len(unused)} tensor(s) that this PiCaConfig does not account for: {', '.join(unused[:6])}")
     if mismatched:
@@ -261,20 +266,22 @@ def load_checked(original: Callable, owner: Any, *args: Any, **kwargs: Any) -> A
     if adapter is None:
         return original(owner, *args, **kwargs)
     path, config = adapter
-    adapter_name = values["adapter_name"]
+    adapter_name, model = values["adapter_name"], values.get("model", owner)
+    check_load_arguments(original, values, model, path, config)
     with reading_directory(path):  # a concurrent save into the directory waits (or is waited for)
         if values.get("config") is None:  # the config that goes with the weights read now
             config = validate_adapter_directory(path)
-        load = _Load(adapter_name, path, read_adapter(path, config))
+        load = _Load(adapter_name, path, read_adapter(path, config), model)
     token = _LOADING.set(load)
     try:
-        with restore_on_error(values.get("model", owner)):
+        with restore_on_error(model):
             try:
                 return original(owner, *args, **kwargs)
             except AdapterFileError:
                 raise
             except (ValueError, KeyError) as error:
-                raise AdapterFileError(f"{path}: cannot load PiCa adapter '{adapter_name}': {error}") from error
+                said = str(error) if str(error).startswith("Cannot load PiCa") else f"cannot load PiCa adapter '{adapter_name}': {error}"
+                raise AdapterFileError(f"{path}: {said}") from error
     finally:
         _LOADING.reset(token)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import adapter_state, loading
 from .config import PiCaConfig
-from .layer import Linear, PiCaLayer, pica_layers
+from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers
 from .plan import AdapterPlan, plan_adapter
 from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
@@ -58,7 +58,19 @@ class PiCaModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """Plan (validate, compute or take the projectors, create ``M``), then let peft replace the modules."""
+        """Plan (validate, compute or take the projectors, create ``M``), then let peft replace the modules.
+
+        The other adapters' ``M`` keep their ``requires_grad`` (peft restores only the flags of
+        parameters under ``model``; ``M`` lives on the tuner).
+
+        Raises:
+            ValueError: an adapter is merged (peft would unmerge it, and the new adapter's projectors and
+                fingerprints would have been taken from the merged weights), or a planning error.
+        """
+        merged = merged_adapter_names(model)
+        if merged:
+            raise ValueError(f"PiCa adapter(s) {merged} are merged into the base weights; call unmerge_adapter() "
+                             f"before adding adapter '{adapter_name}' (its projectors are taken from W0)")
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
         config = _maybe_include_all_linear_layers(config, model)
@@ -77,6 +89,8 @@ class PiCaModel(BaseTuner):
             self.pica_M = nn.ModuleDict()
         self.pica_M[adapter_name] = nn.ParameterDict(plan.updates)
         self._pica_plans[adapter_name] = plan
+        trainable = [(update, update.requires_grad) for name, updates in self._updates().items()
+                     if name != adapter_name for update in updates.values()]
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
@@ -84,6 +98,8 @@ class PiCaModel(BaseTuner):
             raise
         finally:
             del self._pica_plans[adapter_name]
+            for update, requires_grad in trainable:
+                update.requires_grad_(requires_grad)
 
     def _create_and_replace(
         self,
@@ -156,16 +172,33 @@ class PiCaModel(BaseTuner):
     # ------------------------------------------------------------------ merging
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is changed."""
+        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is changed.
+
+        Raises:
+            ValueError: an unknown adapter name (peft would merge nothing for it), or with ``safe_merge``
+                a merge that gives non-finite weights (nothing merged).
+        """
+        self._check_adapter_names(adapter_names)
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            self._check_adapter_names(adapter_names)
         if merge and safe_merge:
             self._check_merge_is_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, adapter_names=adapter_names)
+
+    def _check_adapter_names(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise, naming them, if ``adapter_names`` holds names of no adapter of this model."""
+        if adapter_names is None:
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"PiCa: no adapter named {unknown}; adapters: {sorted(self.peft_config)}; nothing merged")
 
     def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
         """Raise, naming the modules, if merging would give non-finite weights anywhere (nothing is merged)."""
