@@ -63,6 +63,7 @@ __all__ = [
     "check_safetensors_file",
     "directory_lock",
     "finish_interrupted_save",
+    "nesting_depth",
     "read_json_object",
     "reading_directory",
     "refuse_replacing_inputs",
@@ -541,6 +542,19 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, what: 
 # ------------------------------------------------------------------------------ file checks
 
 
+def nesting_depth(value: Any, limit: int) -> int:
+    """Levels of nested lists/mappings in a parsed JSON/YAML ``value`` (0 for a scalar), counted up to
+    ``limit + 1``, one level per pass: no recursion, so a crafted ``[[[[...]]]]`` cannot overflow the stack."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        level = [item for item in level if isinstance(item, (dict, list))]
+        if not level:
+            break
+        depth += 1
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON file that must hold an object.
 
@@ -566,13 +580,8 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)") from None
     except OSError as error:
         raise AdapterFileError(f"{path} cannot be read: {error}") from error
-    level, depth = [value], 0
-    while level:  # breadth-first, one nesting level per pass: no recursion
-        depth += 1
-        if depth > max_depth:
-            raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)")
-        level = [child for item in level if isinstance(item, (dict, list))
-                 for child in (item.values() if isinstance(item, dict) else item) if isinstance(child, (dict, list))]
+    if nesting_depth(value, max_depth) > max_depth:
+        raise AdapterFileError(f"{path}: JSON nested too deeply (more than {max_depth} levels)")
     if not isinstance(value, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value

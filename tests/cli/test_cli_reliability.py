@@ -342,3 +342,10 @@ def test_single_alias_is_refused_too_and_huge_recipes(tmp_path):
     path.write_text('{"model": "' + "x" * (2 << 20) + '"}')
     with pytest.raises(RecipeError, match=re.escape(str(path)) + ".*too large"):
         load_recipe_file(path)
+
+
+@pytest.mark.parametrize("levels", [30, 60000])
+def test_deeply_nested_json_flag_is_a_usage_error(levels, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--task-options", "[" * levels + "]" * levels])
+    assert exit_info.value.code == 2 and "nested too deeply" in capsys.readouterr().err

@@ -25,10 +25,18 @@ _DEMO_FIELDS = ("methods", "rank", "lr", "per_method", "epochs", "max_steps", "b
 
 
 def _json_object(text: str) -> dict:
+    from ..io import nesting_depth
+    from ..recipes.config import MAX_RECIPE_DEPTH
+
+    too_deep = argparse.ArgumentTypeError(f"nested too deeply (more than {MAX_RECIPE_DEPTH} levels)")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not valid JSON: {error.msg}") from None
+    except RecursionError:
+        raise too_deep from None
+    if nesting_depth(value, MAX_RECIPE_DEPTH) > MAX_RECIPE_DEPTH:
+        raise too_deep
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value

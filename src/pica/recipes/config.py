@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from ..io import nesting_depth
+
 __all__ = ["METHODS", "RecipeConfig", "RecipeError", "RunsFailedError", "load_recipe_file", "resolve_recipe"]
 
 METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe")
@@ -204,19 +206,6 @@ def _recipe_loader():
     return RecipeLoader
 
 
-def _nesting_depth(value: Any, limit: int) -> int:
-    """Levels of nested lists/mappings in ``value`` (0 for a scalar), counted up to ``limit + 1``,
-    one level per pass (no recursion)."""
-    depth, level = 0, [value]
-    while depth <= limit:
-        level = [item for item in level if isinstance(item, (dict, list))]
-        if not level:
-            break
-        depth += 1
-        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
-    return depth
-
-
 def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON recipe into a dict, checking its keys.
 
@@ -255,7 +244,7 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
         raise too_deep from None
     except Exception as error:  # yaml.YAMLError / json.JSONDecodeError
         raise RecipeError(f"recipe {path}: cannot parse: {error}") from error
-    if _nesting_depth(data, MAX_RECIPE_DEPTH) > MAX_RECIPE_DEPTH:
+    if nesting_depth(data, MAX_RECIPE_DEPTH) > MAX_RECIPE_DEPTH:
         raise too_deep
     data = {} if data is None else data
     if not isinstance(data, dict):
