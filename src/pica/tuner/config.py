@@ -52,6 +52,10 @@ class PiCaConfig(PeftConfig):
         forward_mode: ``"auto"`` (cheapest form per call), ``"factored"`` (``base(x) + (x Pᵀ) Mᵀ``),
             ``"merged"`` (``x (W0 + M P)ᵀ``, rebuilt in backward), ``"merged_keep"`` (merged weight kept
             from forward to backward: faster, one ``out×in`` tensor of activation memory per layer).
+        init_weights: True (the method): every ``M`` starts at zero, so the model equals its base.
+            False: ``M`` starts as small Gaussian noise (std ``0.1/sqrt(rank)``, from torch's current
+            random state), for tests that need an adapter that changes the output from the start (peft's
+            convention for ``init_weights=False``); not for training.
     """
 
     rank: int = field(default=256, metadata={"help": "Number of top right singular directions per layer."})
@@ -86,6 +90,9 @@ class PiCaConfig(PeftConfig):
     forward_mode: Literal["auto", "factored", "merged", "merged_keep"] = field(
         default="auto", metadata={"help": "auto | factored | merged | merged_keep (memory for speed)."}
     )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: M = 0 (the method). False: small random M, for tests only."}
+    )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "PiCaConfig":
         known = {f.name for f in dataclasses.fields(cls)} | {"store_projector"} if dataclasses.is_dataclass(cls) else set()
@@ -115,7 +122,7 @@ class PiCaConfig(PeftConfig):
                     raise ValueError(f"PiCaConfig.{name} must be None, a regex str or a list of names, got {value!r}")
         if self.target_modules is not None and len(self.target_modules) == 0:
             raise ValueError("PiCaConfig.target_modules is empty; give module names or leave it None for defaults")
-        for name in ("share_across_layers", "inference_mode"):
+        for name in ("share_across_layers", "inference_mode", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PiCaConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.projector_dtype not in _PROJECTOR_DTYPES:

@@ -85,6 +85,10 @@ class PiCaModel(BaseTuner):
             subspace_seed=config.subspace_seed,
             projectors=loading.projectors_being_loaded(adapter_name, config),
         )
+        if not config.init_weights:  # peft's init_weights=False: an adapter that changes the output (tests)
+            with torch.no_grad():
+                for update in plan.updates.values():
+                    update.normal_(0.0, 0.1 / config.rank ** 0.5)
         if "pica_M" not in self._modules:
             self.pica_M = nn.ModuleDict()
         self.pica_M[adapter_name] = nn.ParameterDict(plan.updates)
@@ -153,7 +157,24 @@ class PiCaModel(BaseTuner):
         return self._modules.get("pica_M") or nn.ModuleDict()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Keep ``M`` and ``P`` in float32 whatever the model dtype."""
+        """peft's ``autocast_adapter_dtype``: True (default) keeps ``M`` in float32 whatever the model dtype;
+        False stores each ``M`` in the dtype of its layers' base weights (bf16/fp16 models), and the PiCa
+        term is then computed in that dtype (it follows ``M``). ``P`` stays float32 and is cast per call.
+        Quantised or float32 bases keep a float32 ``M``. ``M`` stays one parameter per group either way."""
+        if autocast_adapter_dtype or adapter_name not in self._updates():
+            return
+        dtypes: dict[str, torch.dtype] = {}
+        for _, layer in pica_layers(self.model, adapter_name):
+            weight = layer.get_base_layer().weight
+            if weight.dtype in (torch.float16, torch.bfloat16):
+                dtypes.setdefault(layer.pica_group[adapter_name], weight.dtype)
+        for key, update in self._updates()[adapter_name].items():
+            if key in dtypes:
+                cast = update.data.to(dtypes[key])
+                if not torch.isfinite(cast).all():
+                    raise ValueError(f"PiCa adapter '{adapter_name}': M of group '{key}' does not fit in "
+                                     f"{dtypes[key]} (autocast_adapter_dtype=False); keep the default True")
+                update.data = cast
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
