@@ -54,7 +54,7 @@ class PiCaModel(BaseTuner):
                     f"PiCaConfig.target_modules is not set and model_type {model_type!r} has no default; known: "
                     f"{sorted(self.target_module_mapping)}"
                 )
-            peft_config.target_modules = list(defaults)
+            peft_config.target_modules = defaults if isinstance(defaults, str) else list(defaults)
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
