@@ -19,7 +19,7 @@ from torch import nn
 
 from . import adapter_state, loading
 from .config import PiCaConfig
-from .layer import Linear, PiCaLayer, pica_layers
+from .layer import Linear, PiCaLayer, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
 from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
@@ -72,7 +72,9 @@ class PiCaModel(BaseTuner):
             subspace=config.subspace,
             subspace_seed=config.subspace_seed,
             projectors=loading.projectors_being_loaded(adapter_name, config),
+            base_quantization=config.base_quantization,
         )
+        config.base_quantization = plan.quantization
         if "pica_M" not in self._modules:
             self.pica_M = nn.ModuleDict()
         self.pica_M[adapter_name] = nn.ParameterDict(plan.updates)
@@ -103,7 +105,7 @@ class PiCaModel(BaseTuner):
         else:
             layer = Linear(target, adapter_name, self.pica_M, forward_mode=peft_config.forward_mode)
         layer.update_layer(adapter_name, layer_plan.group_key, layer_plan.projector, layer_plan.fingerprint,
-                           inference_mode=peft_config.inference_mode)
+                           inference_mode=peft_config.inference_mode, scheme=layer_plan.scheme)
         layer.pica_forward_mode = peft_config.forward_mode
         if layer is not target:
             if adapter_name not in self.active_adapters:
@@ -156,13 +158,20 @@ class PiCaModel(BaseTuner):
     # ------------------------------------------------------------------ merging
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is changed."""
+        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is changed.
+
+        Raises:
+            TypeError: a base layer is quantised (nothing merged; see :func:`pica.tuner.layer.refuse_quantized_merge`).
+        """
+        refuse_quantized_merge(dict(pica_layers(self.model)))
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            refuse_quantized_merge(dict(pica_layers(self.model)))
         if merge and safe_merge:
             self._check_merge_is_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, adapter_names=adapter_names)
