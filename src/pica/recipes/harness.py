@@ -144,9 +144,14 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
 
 
 def _load_model(prepared: PreparedRun, recipe: RecipeConfig):
-    return load_base_model(recipe.model, prepared.task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                           num_labels=prepared.options.get("num_labels"), problem=prepared.options.get("problem"),
-                           pad_token_id=prepared.tokenizer.pad_token_id)
+    model = load_base_model(recipe.model, prepared.task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
+                            num_labels=prepared.options.get("num_labels"), problem=prepared.options.get("problem"),
+                            pad_token_id=prepared.tokenizer.pad_token_id, quantize=recipe.quantize)
+    if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
 
 
 def _training_arguments(recipe: RecipeConfig, seed: int, run_dir: Path, progress: bool) -> TrainingArguments:
@@ -228,7 +233,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
             "peak_memory_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
             "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-            "saved": saved, "head_modules": heads,
+            "saved": saved, "head_modules": heads, "quantize": recipe.quantize,
         }
         write_json(run_dir / "results.json", result)
         write_json(run_dir / "run.json", {**_run_info(prepared, recipe), "method": method, "seed": seed,

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import adapter_state, loading
 from .config import PiCaConfig
-from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers
+from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
 from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
@@ -84,7 +84,9 @@ class PiCaModel(BaseTuner):
             subspace=config.subspace,
             subspace_seed=config.subspace_seed,
             projectors=loading.projectors_being_loaded(adapter_name, config),
+            base_quantization=config.base_quantization,
         )
+        config.base_quantization = plan.quantization
         if not config.init_weights:  # peft's init_weights=False: an adapter that changes the output (tests)
             with torch.no_grad():
                 for update in plan.updates.values():
@@ -123,7 +125,7 @@ class PiCaModel(BaseTuner):
         else:
             layer = Linear(target, adapter_name, self.pica_M, forward_mode=peft_config.forward_mode)
         layer.update_layer(adapter_name, layer_plan.group_key, layer_plan.projector, layer_plan.fingerprint,
-                           inference_mode=peft_config.inference_mode)
+                           inference_mode=peft_config.inference_mode, scheme=layer_plan.scheme)
         layer.pica_forward_mode = peft_config.forward_mode
         if layer is not target:
             if adapter_name not in self.active_adapters:
@@ -198,8 +200,10 @@ class PiCaModel(BaseTuner):
         Raises:
             ValueError: an unknown adapter name (peft would merge nothing for it), or with ``safe_merge``
                 a merge that gives non-finite weights (nothing merged).
+            TypeError: a base layer is quantised (nothing merged; see :func:`pica.tuner.layer.refuse_quantized_merge`).
         """
         self._check_adapter_names(adapter_names)
+        refuse_quantized_merge(dict(pica_layers(self.model)))
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names)
@@ -208,6 +212,7 @@ class PiCaModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
         if merge:
             self._check_adapter_names(adapter_names)
+            refuse_quantized_merge(dict(pica_layers(self.model)))
         if merge and safe_merge:
             self._check_merge_is_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, adapter_names=adapter_names)
