@@ -11,7 +11,7 @@ per-layer FSDP units all see it, because it lives in the root unit (as tied embe
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -256,6 +256,9 @@ class Linear(nn.Module, PiCaLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.pica_P]
@@ -266,6 +269,29 @@ class Linear(nn.Module, PiCaLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             result = result + pica_delta(x, self.pica_P[name], self.get_update(name)).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
+                             ) -> torch.Tensor:
+        """One adapter per row (peft's ``adapter_names``): row ``i`` gets ``base_layer(x_i)`` plus the PiCa
+        term of ``adapter_names[i]`` (``"__base__"``, or an adapter this layer does not hold: none).
+
+        Args: x ``(batch, ..., in_features)``; ``adapter_names`` one name per row. Returns ``(batch, ..., out_features)``.
+
+        Raises:
+            ValueError: ``adapter_names`` does not have one name per row, or an adapter is merged.
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        if self.merged:
+            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):  # each adapter once, in order of first use
+            if name not in self.pica_P:
+                continue
+            rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
+            delta = pica_delta(x.index_select(0, rows), self.pica_P[name], self.get_update(name))
+            result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
     def __repr__(self) -> str:

@@ -10,11 +10,13 @@ parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it a
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import adapter_state, loading
@@ -27,6 +29,11 @@ from .targets import DEFAULT_TARGET_MODULES
 __all__ = ["PiCaModel"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _with_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    """Forward pre-hook: the call gets ``adapter_names=names``."""
+    return args, {**kwargs, "adapter_names": names}
 
 
 class PiCaModel(BaseTuner):
@@ -180,17 +187,52 @@ class PiCaModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """peft enters this around every forward and generate; its special arguments that PiCa does not
-        support (mixed-adapter batches: ``adapter_names``, ``alora_offsets``) are refused, not dropped.
+        """peft enters this around every forward and generate. ``adapter_names`` (one adapter per row,
+        ``"__base__"`` for the base model) is passed to every PiCa layer and ``modules_to_save`` wrapper for
+        the call; with beam search (``num_beams``) each name is repeated per beam, except in the encoder of an
+        encoder-decoder model, which sees the original rows. ``alora_offsets`` (aLoRA) is refused.
 
         Raises:
-            ValueError: naming the argument (peft would otherwise give every row the active adapter).
+            ValueError: ``alora_offsets``; ``adapter_names`` in training mode, with a merged adapter, or naming
+                an adapter that does not exist.
         """
-        given = sorted(name for name in ("adapter_names", "alora_offsets") if kwargs.get(name) is not None)
-        if given:
-            raise ValueError(f"PiCa does not support {given} (one adapter per row) yet; peft would silently apply "
-                             "the active adapter to every row. Call set_adapter() per batch instead.")
-        yield
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError("PiCa does not support alora_offsets (an aLoRA feature); peft would ignore it")
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+        if self.training:
+            raise ValueError("Cannot pass adapter_names in training mode (mixed-adapter batches are for inference)")
+        merged = merged_adapter_names(self.model)
+        if merged:
+            raise ValueError(f"Cannot pass adapter_names while {merged} are merged; call unmerge_adapter() first")
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
+                             f"{sorted(self.peft_config)} (and '__base__')")
+        per_row = list(adapter_names)
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:  # generate repeats each row once per beam
+            per_row = [name for name in adapter_names for _ in range(beams)]
+
+        def receivers(root: nn.Module) -> list[nn.Module]:
+            return [m for m in root.modules() if isinstance(m, (PiCaLayer, AuxiliaryTrainingWrapper))]
+
+        handles = [module.register_forward_pre_hook(functools.partial(_with_adapter_names, names=per_row),
+                                                    with_kwargs=True) for module in receivers(self.model)]
+        encoder = self.model.get_encoder() if getattr(self.model.config, "is_encoder_decoder", False) else None
+        if encoder is not None and per_row != list(adapter_names):  # registered later: runs last, wins
+            handles += [module.register_forward_pre_hook(functools.partial(_with_adapter_names,
+                                                                           names=list(adapter_names)), with_kwargs=True)
+                        for module in receivers(encoder)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ------------------------------------------------------------------ merging
 
