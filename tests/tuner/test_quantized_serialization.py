@@ -99,3 +99,16 @@ def test_export_merged_from_a_4bit_base_writes_full_precision_dequantised_weight
             expected = base_weight_out_in(layer.get_base_layer()) + layer.get_delta_weight("default")
             assert module.weight.dtype == torch.float32 and torch.allclose(module.weight, expected, atol=1e-6), name
     assert torch.allclose(_logits(plain), logits, atol=1e-4)
+
+
+def test_a_full_precision_adapter_on_a_quantised_base_says_why_it_is_refused(llama_dir, tmp_path):
+    from peft import get_peft_model
+
+    from pica import PiCaConfig
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), PiCaConfig(rank=4))
+    model.save_pretrained(tmp_path / "fp32-adapter")
+    quantised = load_quantized(llama_dir, "nf4")
+    with pytest.raises(AdapterFileError, match="this base is quantised: if the adapter was trained on full-precision weights"):
+        PeftModel.from_pretrained(quantised, tmp_path / "fp32-adapter")
+    assert not pica_layers(quantised)
