@@ -55,3 +55,22 @@ def test_per_method_quantize_is_checked_too():
     assert recipe.for_method("pica").quantize == "4bit" and recipe.for_method("full").quantize is None
     with pytest.raises(RecipeError, match=r"quantize must be one of \['4bit', '8bit'\], got '3bit'"):
         RecipeConfig(quantize="3bit")
+
+
+def test_eval_of_a_quantised_run_loads_the_base_quantised_as_trained(data, tmp_path, capsys, monkeypatch):
+    from pica.recipes import saved
+
+    loaded = []
+    real = saved.load_base_model
+    monkeypatch.setattr(saved, "load_base_model", lambda *a, **k: loaded.append(k.get("quantize")) or real(*a, **k))
+    out = tmp_path / "out"
+    assert main(_args(data, out, "--quantize", "4bit", "--method", "pica")) == 0
+    run = out / "pica" / "seed0"
+    assert json.loads((run / "run.json").read_text())["quantize"] == "4bit"
+    trained = json.loads((run / "results.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["--no-progress", "eval", str(run), "--eval-data", str(data["eval"])]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert loaded == ["4bit"]
+    assert evaluated["metrics"]["accuracy"] == trained["accuracy"]
+    assert evaluated["metrics"] == {k: v for k, v in trained.items() if k in evaluated["metrics"]}

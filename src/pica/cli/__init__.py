@@ -19,7 +19,7 @@ __all__ = ["build_parser", "install_signal_handlers", "main"]
 
 _EVAL_FIELDS = ("task", "eval_data", "task_options", "eval_limit", "model", "gguf_file", "dtype", "eval_batch_size",
                 "max_length", "max_new_tokens", "metric", "threads", "output_dir", "overwrite", "eval_loss",
-                "generate_limit")
+                "generate_limit", "quantize")
 _DEMO_FIELDS = ("methods", "rank", "lr", "per_method", "epochs", "max_steps", "batch_size", "seeds", "train_limit",
                 "eval_limit", "share", "subspace", "threads", "output_dir", "overwrite", "save_model")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from ..io import check_output_directory
 from . import _DEMO_FIELDS, _EVAL_FIELDS, _overrides
 from .analyze import run_analyze
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["run_analyze", "run_demo", "run_eval", "run_export", "run_train"]
 
@@ -79,7 +82,8 @@ def _saved_context(args: argparse.Namespace, overrides: dict[str, Any]):
     from ..recipes.saved import adapter_config, find_saved
 
     directory, kind, info = find_saved(args.adapter)
-    settings = {key: info.get(key) for key in ("task", "task_options", "model", "gguf_file", "dtype", "max_length")}
+    settings = {key: info.get(key) for key in ("task", "task_options", "model", "gguf_file", "dtype", "max_length",
+                                               "quantize")}
     settings = {k: v for k, v in settings.items() if v is not None}
     settings.update(overrides)
     if kind == "adapter" and not settings.get("model"):
@@ -171,7 +175,8 @@ def run_eval(args: argparse.Namespace) -> int:
     base = recipe.model if kind == "adapter" else str(directory)
     tokenizer = load_tokenizer(base, recipe.gguf_file if kind == "adapter" else None)
     model = load_saved(directory, kind, task.TASK_KIND, model=recipe.model, gguf_file=recipe.gguf_file,
-                       dtype=recipe.dtype, options=options, pad_token_id=tokenizer.pad_token_id)
+                       dtype=recipe.dtype, options=options, pad_token_id=tokenizer.pad_token_id,
+                       quantize=recipe.quantize)  # as trained (run.json), unless --quantize says otherwise
     import torch
 
     if torch.cuda.is_available():
@@ -216,6 +221,10 @@ def run_export(args: argparse.Namespace) -> int:
     if task_kind == "classification" and not options.get("num_labels"):  # no run.json: size the head as saved
         options["num_labels"] = saved_head_size(directory)
     tokenizer = load_tokenizer(settings["model"], settings.get("gguf_file")) if "model" in settings else None
+    if settings.get("quantize"):
+        logger.info("%s was trained on a %s base; exporting from the full-precision weights it was quantised from "
+                    "(PiCa's serving path: P and fingerprints re-derived from them quantised again)",
+                    directory, settings["quantize"])
     model = load_saved(directory, kind, task_kind, model=settings.get("model"), gguf_file=settings.get("gguf_file"),
                        dtype=settings.get("dtype", "float32"), options=options,
                        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None)

@@ -253,7 +253,8 @@ def _json(entry: Any) -> str:
 def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
     """What ``pica eval`` / ``pica export`` need to rebuild the base model of a saved run."""
     return {"task": recipe.task, "task_options": prepared.options, "model": recipe.model,
-            "gguf_file": recipe.gguf_file, "dtype": recipe.dtype, "max_length": recipe.max_length}
+            "gguf_file": recipe.gguf_file, "dtype": recipe.dtype, "max_length": recipe.max_length,
+            "quantize": recipe.quantize}
 
 
 def _is_main_process() -> bool:

@@ -20,7 +20,7 @@ _RUN_TYPES: dict[str, tuple[type, ...]] = {  # run.json key → accepted JSON ty
     "task": (str,), "task_options": (dict,), "model": (str,), "gguf_file": (str,), "dtype": (str,),
     "max_length": (int,), "method": (str,), "seed": (int,), "saved": (str,), "head_modules": (list,),
 }
-_RECIPE_KEYS = ("task", "task_options", "model", "gguf_file", "dtype", "max_length")
+_RECIPE_KEYS = ("task", "task_options", "model", "gguf_file", "dtype", "max_length", "quantize")
 
 
 def read_run_info(path: str | Path) -> dict[str, Any]:
@@ -99,12 +99,20 @@ def saved_head_size(directory: str | Path) -> Optional[int]:
 
 
 def load_saved(directory: Path, kind: str, task_kind: str, *, model: Optional[str], gguf_file: Optional[str],
-               dtype: str, options: dict[str, Any], pad_token_id: Optional[int]):
-    """The trained model: base ``model`` + the adapter in ``directory``, or the saved full model."""
+               dtype: str, options: dict[str, Any], pad_token_id: Optional[int], quantize: Optional[str] = None):
+    """The trained model: base ``model`` (quantised by bitsandbytes if ``quantize``, as it was trained) + the
+    adapter in ``directory``, or the saved full model.
+
+    Raises:
+        ValueError: ``quantize`` for a saved full model (only adapters train on quantised bases).
+    """
     common = dict(dtype=dtype, num_labels=options.get("num_labels"), problem=options.get("problem"),
                   pad_token_id=pad_token_id)
     if kind == "model":
+        if quantize is not None:
+            raise ValueError(f"{directory} is a full model; quantize={quantize!r} applies to adapter runs only")
         return load_base_model(str(directory), task_kind, **common)
+    common["quantize"] = quantize
     if model is None:
         model = adapter_config(directory).get("base_model_name_or_path")
         if not model:
