@@ -74,3 +74,19 @@ def test_eval_of_a_quantised_run_loads_the_base_quantised_as_trained(data, tmp_p
     assert loaded == ["4bit"]
     assert evaluated["metrics"]["accuracy"] == trained["accuracy"]
     assert evaluated["metrics"] == {k: v for k, v in trained.items() if k in evaluated["metrics"]}
+
+
+def test_named_head_modules_stay_full_precision_under_quantize(tmp_path):
+    from torch import nn
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from pica.recipes.models import load_base_model
+    from tests.harness_fixtures import save_tokenizer
+
+    save_tokenizer(tmp_path / "distil")
+    DistilBertModel(DistilBertConfig(vocab_size=32, dim=32, hidden_dim=64, n_layers=2, n_heads=4)).save_pretrained(
+        tmp_path / "distil")
+    model = load_base_model(str(tmp_path / "distil"), "classification", num_labels=2, quantize="4bit",
+                            head_modules=["pre_classifier", "classifier"])
+    assert type(model.pre_classifier) is nn.Linear and type(model.classifier) is nn.Linear  # trained in full
+    assert type(model.distilbert.transformer.layer[0].attention.q_lin).__name__ == "Linear4bit"

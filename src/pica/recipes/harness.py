@@ -146,7 +146,8 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
 def _load_model(prepared: PreparedRun, recipe: RecipeConfig):
     model = load_base_model(recipe.model, prepared.task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
                             num_labels=prepared.options.get("num_labels"), problem=prepared.options.get("problem"),
-                            pad_token_id=prepared.tokenizer.pad_token_id, quantize=recipe.quantize)
+                            pad_token_id=prepared.tokenizer.pad_token_id, quantize=recipe.quantize,
+                            head_modules=recipe.head_modules)
     if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
         from peft import prepare_model_for_kbit_training
 

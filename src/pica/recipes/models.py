@@ -95,15 +95,16 @@ def quantization_kwargs(quantize: Optional[str], dtype: str, keep: Optional[list
 
 def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = None, dtype: str = "float32",
                     num_labels: Optional[int] = None, problem: Optional[str] = None, pad_token_id: Optional[int] = None,
-                    quantize: Optional[str] = None) -> nn.Module:
+                    quantize: Optional[str] = None, head_modules: Optional[list[str]] = None) -> nn.Module:
     """``AutoModelForCausalLM`` (generative) or ``AutoModelForSequenceClassification`` (classification).
 
     A new classification head is initialised from torch's current RNG state: seed before calling.
-    ``quantize``: load the linear layers quantised (see :func:`quantization_kwargs`), except a classifier's
-    head (``classifier``, ``score``, ``pooler``).
+    ``quantize``: load the linear layers quantised (see :func:`quantization_kwargs`), except the task head,
+    which is trained in full: ``head_modules`` if given, else a classifier's ``classifier``/``score``/``pooler``.
     """
     source, extra = model_source(model, gguf_file)
-    keep = ["classifier", "score", "pooler"] if task_kind == "classification" else None
+    keep = (list(head_modules) if head_modules else
+            ["classifier", "score", "pooler"] if task_kind == "classification" else None)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], **extra, **quantization_kwargs(quantize, dtype, keep)}
     if task_kind == "generative":
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
