@@ -24,16 +24,15 @@ from typing import Any, Optional
 
 import torch
 import yaml
-from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
-                          set_seed)
 
 from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
-from .measure import PeakMemory, projector_progress
-from .methods import apply_method, default_head_modules, parameter_split
+from .defaults import with_default_lr
+from .fit import fit
+from .measure import PeakMemory
 from .preflight import check_before_training
-from .models import load_base_model, load_tokenizer
+from .models import load_tokenizer
 from .results import format_table, plot_comparison, plot_loss, summarize, write_json
 from .tasks import get_task
 
@@ -143,66 +142,23 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
     return evaluation
 
 
-def _load_model(prepared: PreparedRun, recipe: RecipeConfig):
-    return load_base_model(recipe.model, prepared.task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                           num_labels=prepared.options.get("num_labels"), problem=prepared.options.get("problem"),
-                           pad_token_id=prepared.tokenizer.pad_token_id)
-
-
-def _training_arguments(recipe: RecipeConfig, seed: int, run_dir: Path, progress: bool) -> TrainingArguments:
-    cuda = torch.cuda.is_available()
-    checkpointing = {}
-    if recipe.gradient_checkpointing:  # transformers ≥5 renamed the argument
-        fields = TrainingArguments.__dataclass_fields__
-        checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
-                         else "gradient_checkpointing": True}
-    return TrainingArguments(
-        output_dir=str(run_dir / "trainer"), learning_rate=recipe.lr, num_train_epochs=recipe.epochs,
-        max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.grad_accum, warmup_steps=recipe.warmup,
-        lr_scheduler_type=recipe.scheduler, weight_decay=recipe.weight_decay, logging_steps=recipe.logging_steps,
-        logging_first_step=True, save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
-        bf16=cuda and recipe.dtype == "bfloat16", fp16=cuda and recipe.dtype == "float16",
-        remove_unused_columns=False, **checkpointing,
-        label_names=["labels"], disable_tqdm=not progress,
-        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
-    )
-
-
 def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, progress: bool = True) -> dict:
-    """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict."""
-    recipe = prepared.recipe.for_method(method)
-    kind = prepared.task.TASK_KIND
+    """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict.
+
+    The learning rate is the recipe's, else the method's default (:mod:`pica.recipes.defaults`);
+    ``lr`` (the value used) and ``lr_source`` are in the result.
+    """
+    recipe, lr_source = with_default_lr(prepared.recipe.for_method(method))
     run_dir.mkdir(parents=True)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     try:
-        logger.info("run %s seed %d → %s", method, seed, run_dir)
+        logger.info("run %s seed %d (lr %s, %s) → %s", method, seed, recipe.lr, lr_source, run_dir)
         started = time.perf_counter()
         with PeakMemory() as memory:
-            set_seed(seed)  # the new task head starts from the same draw for every method
-            model = _load_model(prepared, recipe)
-            heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
-            init_started = time.perf_counter()
-            with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
-                model = apply_method(model, method, recipe, kind, heads)
-            init_seconds = time.perf_counter() - init_started
-            params = parameter_split(model, heads)
-            logger.info("%s: trainable %s", method, params)
-            dataset = prepared.task.build_train_dataset(prepared.train_examples, prepared.tokenizer,
-                                                        max_length=recipe.max_length, **prepared.options)
-            if kind == "generative":
-                collator = DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=-100, padding=True)
-            else:
-                collator = DataCollatorWithPadding(prepared.tokenizer)
-            if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-            trainer = Trainer(model=model, args=_training_arguments(recipe, seed, run_dir, progress),
-                              train_dataset=dataset, data_collator=collator)
-            train_started = time.perf_counter()
-            train_output = trainer.train()
-            train_seconds = time.perf_counter() - train_started
+            fitted = fit(prepared, method, recipe, seed, prepared.train_examples, None, run_dir / "trainer", progress)
+            trainer = fitted.trainer
             eval_started = time.perf_counter()
             evaluation = evaluate_model(trainer.model, prepared, recipe, progress)
             eval_seconds = time.perf_counter() - eval_started
@@ -222,17 +178,18 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             "".join(f"{_json(p)}\n" for p in evaluation["predictions"]), encoding="utf-8")
         result = {
             "method": method, "seed": seed, "task": recipe.task, "model": recipe.model,
-            "metrics": evaluation["metrics"], "trainable_params": params,
-            "train_loss": train_output.training_loss, "steps": trainer.state.global_step,
-            "init_seconds": round(init_seconds, 3), "train_seconds": round(train_seconds, 2),
+            "metrics": evaluation["metrics"], "trainable_params": fitted.params,
+            "lr": recipe.lr, "lr_source": lr_source,
+            "train_loss": fitted.training_loss, "steps": trainer.state.global_step,
+            "init_seconds": round(fitted.init_seconds, 3), "train_seconds": round(fitted.train_seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
             "peak_memory_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
             "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-            "saved": saved, "head_modules": heads,
+            "saved": saved, "head_modules": fitted.heads,
         }
         write_json(run_dir / "results.json", result)
         write_json(run_dir / "run.json", {**_run_info(prepared, recipe), "method": method, "seed": seed,
-                                          "saved": saved, "head_modules": heads})
+                                          "saved": saved, "head_modules": fitted.heads})
         return result
     finally:
         logging.getLogger().removeHandler(file_log)
