@@ -77,8 +77,12 @@ def _trainer_metrics(task: Any, options: dict[str, Any]) -> Optional[Callable[[E
 
 def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progress: bool,
                        best_by: Optional[tuple[str, bool]] = None) -> TrainingArguments:
-    """The ``TrainingArguments`` of ``recipe``; with ``best_by`` (metric, greater is better) also an
-    evaluation and a checkpoint every epoch, and the best checkpoint loaded at the end."""
+    """The ``TrainingArguments`` of ``recipe``.
+
+    With ``best_by`` (metric, greater is better): an evaluation on the validation split every epoch;
+    with ``recipe.early_stopping_patience`` also a checkpoint every epoch and the best one loaded at
+    the end (what ``EarlyStoppingCallback`` needs).
+    """
     cuda = torch.cuda.is_available()
     checkpointing = {}
     if recipe.gradient_checkpointing:  # transformers ≥5 renamed the argument
@@ -87,9 +91,11 @@ def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progre
                          else "gradient_checkpointing": True}
     validation: dict[str, Any] = {"save_strategy": "no"}
     if best_by is not None:
-        validation = {"eval_strategy": "epoch", "save_strategy": "epoch", "load_best_model_at_end": True,
-                      "metric_for_best_model": best_by[0], "greater_is_better": best_by[1], "save_total_limit": 1,
-                      "save_only_model": True, "per_device_eval_batch_size": recipe.eval_batch_size}
+        validation = {"eval_strategy": "epoch", "save_strategy": "no", "metric_for_best_model": best_by[0],
+                      "greater_is_better": best_by[1], "per_device_eval_batch_size": recipe.eval_batch_size}
+        if recipe.early_stopping_patience is not None:
+            validation.update(save_strategy="epoch", load_best_model_at_end=True, save_total_limit=1,
+                              save_only_model=True)
     return TrainingArguments(
         output_dir=str(output_dir), learning_rate=recipe.lr, num_train_epochs=recipe.epochs,
         max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
@@ -108,7 +114,8 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
     """Train ``method`` with ``recipe`` (its ``lr`` already a number) on ``train_examples``.
 
     With ``validation_examples``, the validation metric (:func:`selection_metric`) is computed at the
-    end of every epoch; ``recipe.early_stopping_patience`` (if set) stops training after that many
+    end of every epoch (``eval_<metric>`` in the trainer's log history; ``trainer.evaluate()`` scores
+    the returned model); ``recipe.early_stopping_patience`` (if set) stops training after that many
     epochs without improvement (``EarlyStoppingCallback``), and the best epoch's checkpoint is what
     the returned trainer holds (``load_best_model_at_end``).
 

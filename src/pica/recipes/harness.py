@@ -10,6 +10,7 @@ leaves no partial output directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -30,10 +31,11 @@ from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
 from .defaults import with_default_lr
 from .fit import fit
+from .selection import check_selection, choose_lr, split_validation
 from .measure import PeakMemory
 from .preflight import check_before_training
 from .models import load_tokenizer
-from .results import format_table, plot_comparison, plot_loss, summarize, write_json
+from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -78,8 +80,6 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
         pica.io.OutputWouldDeleteInputError, NotADirectoryError, FileExistsError: ``output_dir`` is or
             contains an input or the current directory, is a file, or is not empty without ``overwrite``.
     """
-    import dataclasses
-
     from ..io import check_output_directory
     from .models import absolute_if_local
 
@@ -112,7 +112,9 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
         options = task.infer_options(train_examples, options)
     tokenizer = load_tokenizer(recipe.model, recipe.gguf_file)
     check_before_training(recipe, task, options, eval_examples)
-    return PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
+    prepared = PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
+    check_selection(recipe, task, options, train_examples, prepared.metric)
+    return prepared
 
 
 def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress: bool = True) -> dict:
@@ -145,8 +147,11 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
 def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict.
 
-    The learning rate is the recipe's, else the method's default (:mod:`pica.recipes.defaults`);
-    ``lr`` (the value used) and ``lr_source`` are in the result.
+    The learning rate is the recipe's, else the method's default (:mod:`pica.recipes.defaults`), or
+    with ``lr: auto`` the best of a grid on a validation split (:func:`pica.recipes.selection.choose_lr`);
+    then the final run trains on all the training data, or, with ``early_stopping_patience``, on the
+    fit part with the best epoch by validation kept. ``lr`` (the value used), ``lr_source``,
+    ``lr_search`` and ``early_stopping`` are in the result.
     """
     recipe, lr_source = with_default_lr(prepared.recipe.for_method(method))
     run_dir.mkdir(parents=True)
@@ -156,8 +161,16 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
     try:
         logger.info("run %s seed %d (lr %s, %s) → %s", method, seed, recipe.lr, lr_source, run_dir)
         started = time.perf_counter()
+        lr_search = None
+        if recipe.lr == "auto":
+            lr_search = choose_lr(prepared, method, recipe, seed, run_dir / "lr_search", progress)
+            recipe = dataclasses.replace(recipe, lr=lr_search["chosen"])
+        train_examples, validation = prepared.train_examples, None
+        if recipe.early_stopping_patience is not None:
+            train_examples, validation = split_validation(train_examples, recipe.validation_fraction, seed,
+                                                          prepared.task.TASK_KIND, prepared.options)
         with PeakMemory() as memory:
-            fitted = fit(prepared, method, recipe, seed, prepared.train_examples, None, run_dir / "trainer", progress)
+            fitted = fit(prepared, method, recipe, seed, train_examples, validation, run_dir / "trainer", progress)
             trainer = fitted.trainer
             eval_started = time.perf_counter()
             evaluation = evaluate_model(trainer.model, prepared, recipe, progress)
@@ -179,7 +192,8 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
         result = {
             "method": method, "seed": seed, "task": recipe.task, "model": recipe.model,
             "metrics": evaluation["metrics"], "trainable_params": fitted.params,
-            "lr": recipe.lr, "lr_source": lr_source,
+            "lr": recipe.lr, "lr_source": lr_source, "lr_search": lr_search,
+            "early_stopping": _early_stopping(trainer, recipe, len(train_examples), validation),
             "train_loss": fitted.training_loss, "steps": trainer.state.global_step,
             "init_seconds": round(fitted.init_seconds, 3), "train_seconds": round(fitted.train_seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
@@ -194,6 +208,19 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+
+
+def _early_stopping(trainer: Any, recipe: RecipeConfig, fit_examples: int,
+                    validation: Optional[list[dict]]) -> Optional[dict[str, Any]]:
+    """What early stopping did: the best epoch and its validation score, the epochs trained."""
+    if validation is None:
+        return None
+    state = trainer.state
+    key = f"eval_{trainer.args.metric_for_best_model}"
+    best = next((entry for entry in state.log_history if entry.get(key) == state.best_metric), {})
+    return {"patience": recipe.early_stopping_patience, "metric": trainer.args.metric_for_best_model,
+            "best_metric": state.best_metric, "best_step": best.get("step"), "best_epoch": best.get("epoch"),
+            "epochs_trained": state.epoch, "fit_examples": fit_examples, "validation_examples": len(validation)}
 
 
 def _json(entry: Any) -> str:
@@ -280,6 +307,9 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
             raise first_error
         summary = summarize(runs)
         table = format_table(summary, prepared.metric)
+        choices = format_choices(runs)
+        if choices:
+            table += "\n\nchosen on validation (split from the training data):\n" + choices
         if failed:
             table += "\n\nfailed: " + "; ".join(f"{f['method']} seed {f['seed']} ({f['error']})" for f in failed)
         if len(summary) > 1:

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["format_table", "plot_comparison", "plot_loss", "summarize", "write_json"]
+__all__ = ["format_choices", "format_table", "plot_comparison", "plot_loss", "summarize", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -78,6 +78,27 @@ def format_table(summary: dict[str, dict], metric: str) -> str:
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in (header, *rows)]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_choices(runs: Iterable[dict]) -> str:
+    """One line per run that chose on validation: the ``lr: auto`` grid with each validation score
+    (the chosen one starred), and the epoch early stopping kept; empty if no run chose anything."""
+    lines = []
+    for run in runs:
+        parts = []
+        if run.get("lr_search"):
+            search = run["lr_search"]
+            grid = ", ".join(f"{lr}{'*' if float(lr) == search['chosen'] else ''} → {score:.4f}"
+                             for lr, score in search["validation"].items())
+            parts.append(f"lr auto on {search['validation_examples']} validation examples "
+                         f"({search['metric']}): {grid}")
+        if run.get("early_stopping"):
+            stop = run["early_stopping"]
+            parts.append(f"early stopping (patience {stop['patience']}): best epoch {stop['best_epoch']} "
+                         f"({stop['metric']} {stop['best_metric']:.4f}) of {stop['epochs_trained']:g} trained")
+        if parts:
+            lines.append(f"{run['method']} seed {run['seed']}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
