@@ -19,8 +19,10 @@ from ..io import nesting_depth
 
 __all__ = ["METHODS", "RecipeConfig", "RecipeError", "RunsFailedError", "load_recipe_file", "resolve_recipe"]
 
-METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe")
-"""``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything."""
+METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe", "features")
+"""``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything;
+``features`` (classification only) fits a scikit-learn logistic regression on the frozen model's
+pooled features (:mod:`pica.recipes.features`), no Trainer."""
 
 
 class RecipeError(ValueError):

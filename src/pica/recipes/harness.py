@@ -30,6 +30,7 @@ from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
 from .defaults import with_default_lr
+from .features import check_features, fit_features
 from .fit import fit
 from .selection import check_selection, choose_lr, split_validation
 from .measure import PeakMemory
@@ -114,6 +115,7 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
     check_before_training(recipe, task, options, eval_examples)
     prepared = PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
     check_selection(recipe, task, options, train_examples, prepared.metric)
+    check_features(recipe, task, options)
     return prepared
 
 
@@ -153,6 +155,8 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
     fit part with the best epoch by validation kept. ``lr`` (the value used), ``lr_source``,
     ``lr_search`` and ``early_stopping`` are in the result.
     """
+    if method == "features":
+        return _features_run(prepared, seed, run_dir)
     recipe, lr_source = with_default_lr(prepared.recipe.for_method(method))
     run_dir.mkdir(parents=True)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
@@ -208,6 +212,28 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+
+
+def _features_run(prepared: PreparedRun, seed: int, run_dir: Path) -> dict:
+    """The ``features`` reference (:func:`pica.recipes.features.fit_features`) into ``run_dir``."""
+    recipe = prepared.recipe.for_method("features")
+    run_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        fitted = fit_features(prepared, recipe, seed)
+    (run_dir / "predictions.jsonl").write_text("".join(f"{_json(p)}\n" for p in fitted["predictions"]),
+                                               encoding="utf-8")
+    result = {"method": "features", "seed": seed, "task": recipe.task, "model": recipe.model,
+              "metrics": fitted["metrics"], "trainable_params": fitted["trainable_params"],
+              "lr": None, "lr_source": None, "lr_search": None, "early_stopping": None,
+              "train_loss": None, "steps": 0, "init_seconds": 0.0,
+              "train_seconds": round(fitted["train_seconds"], 2), "eval_seconds": round(fitted["eval_seconds"], 2),
+              "wall_seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": round(memory.peak_mb, 1),
+              "memory_kind": memory.kind,
+              "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+              "saved": None, "head_modules": fitted["heads"]}
+    write_json(run_dir / "results.json", result)
+    return result
 
 
 def _early_stopping(trainer: Any, recipe: RecipeConfig, fit_examples: int,

@@ -72,7 +72,7 @@ def check_selection(recipe: RecipeConfig, task: Any, options: dict[str, Any], tr
             nothing uses a validation split; a split too small to stratify; a metric that cannot be
             computed on validation.
     """
-    resolved = [recipe.for_method(method) for method in recipe.methods]
+    resolved = [recipe.for_method(method) for method in recipe.methods if method != "features"]  # no training
     if any(r.lr_grid is not None for r in resolved) and not any(r.lr == "auto" for r in resolved):
         raise RecipeError("lr_grid is set but no method has lr: auto (the grid would be unused)")
     users = [r for r in resolved if needs_validation(r)]
