@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info  # noqa: E402
 
 from pica.recipes.config import RecipeConfig  # noqa: E402
-from pica.recipes.defaults import with_default_lr  # noqa: E402
+from pica.recipes.defaults import with_defaults  # noqa: E402
 from pica.recipes.demo import DEMO_RECIPE, demo_examples, demo_model_dir  # noqa: E402
+from pica.recipes.features import fit_features  # noqa: E402
 from pica.recipes.fit import fit  # noqa: E402
 from pica.recipes.harness import prepare  # noqa: E402
 
@@ -41,7 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--methods", nargs="+", default=["probe", "pica", "lora", "full"])
+    parser.add_argument("--methods", nargs="+", default=["features", "probe", "pica", "lora", "full"],
+                        help="features: one validation accuracy (no epochs), the frozen-feature reference")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=DEMO_RECIPE["train_limit"])
     parser.add_argument("--validation-size", type=int, default=400)
@@ -77,7 +79,14 @@ def main() -> None:
                               output_dir=str(Path(scratch) / "out"))
         prepared = prepare(recipe, train_examples=train, eval_examples=validation)
         for method in args.methods:
-            one, _ = with_default_lr(recipe.for_method(method))
+            if method == "features":  # no epochs: one logistic regression on frozen features, a reference level
+                fitted = fit_features(prepared, recipe.for_method(method), args.seed)
+                curves[method] = {"trainable_params": fitted["trainable_params"],
+                                  "validation_accuracy": fitted["metrics"]["accuracy"],
+                                  "validation_f1": fitted["metrics"]["f1"]}
+                write(complete=False)
+                continue
+            one, _ = with_defaults(recipe.for_method(method), "classification")
             with contextlib.redirect_stdout(sys.stderr):
                 fitted = fit(prepared, method, one, args.seed, train, validation, Path(scratch) / method, False)
             history = fitted.trainer.state.log_history

@@ -6,7 +6,7 @@ import pytest
 
 from pica.cli import build_parser
 from pica.recipes.config import METHODS, RecipeConfig, RecipeError
-from pica.recipes.defaults import DEFAULT_LR, LR_SOURCES, default_lr, lr_grid, with_default_lr
+from pica.recipes.defaults import DEFAULT_EPOCHS, DEFAULT_LR, LR_SOURCES, default_lr, lr_grid, with_defaults
 from pica.recipes.harness import prepare, run_experiment
 from tests.harness_fixtures import save_tiny_bert, sentiment_rows, write_jsonl
 
@@ -23,14 +23,25 @@ def test_every_trained_method_has_a_default_and_a_source():
 def test_lr_unset_takes_the_methods_default_and_an_explicit_one_wins():
     recipe = RecipeConfig(methods=["pica", "full", "lora"], per_method={"full": {"lr": 5e-5}})
     assert recipe.lr is None
-    pica, source = with_default_lr(recipe.for_method("pica"))
+    pica, source = with_defaults(recipe.for_method("pica"), "classification")
     assert (pica.lr, source) == (DEFAULT_LR["pica"], "default")
-    full, source = with_default_lr(recipe.for_method("full"))
+    full, source = with_defaults(recipe.for_method("full"), "classification")
     assert (full.lr, source) == (5e-5, "recipe")
     explicit = RecipeConfig(methods=["lora"], lr=2e-4)
-    assert with_default_lr(explicit.for_method("lora"))[0].lr == 2e-4
+    assert with_defaults(explicit.for_method("lora"), "classification")[0].lr == 2e-4
     auto = RecipeConfig(methods=["lora"], lr="auto")
-    assert with_default_lr(auto.for_method("lora")) == (auto.for_method("lora"), "auto")
+    resolved, source = with_defaults(auto.for_method("lora"), "generative")
+    assert (resolved.lr, source) == ("auto", "auto")
+
+
+def test_epochs_unset_take_the_task_kinds_default_and_an_explicit_one_wins():
+    recipe = RecipeConfig(methods=["pica", "full"], per_method={"full": {"epochs": 2}})
+    assert recipe.epochs is None
+    assert with_defaults(recipe.for_method("pica"), "classification")[0].epochs == DEFAULT_EPOCHS["classification"]
+    assert with_defaults(recipe.for_method("pica"), "generative")[0].epochs == DEFAULT_EPOCHS["generative"] == 1.0
+    assert with_defaults(recipe.for_method("full"), "classification")[0].epochs == 2.0
+    with pytest.raises(RecipeError, match="lr and epochs must be > 0"):
+        RecipeConfig(epochs=0)
 
 
 def test_lr_accepts_a_number_or_auto_only():
@@ -72,6 +83,7 @@ def test_the_lr_used_is_in_the_table_results_and_each_run(data, tmp_path):
     by_method = {run["method"]: run for run in results["runs"]}
     assert (by_method["probe"]["lr"], by_method["probe"]["lr_source"]) == (DEFAULT_LR["probe"], "default")
     assert (by_method["pica"]["lr"], by_method["pica"]["lr_source"]) == (2e-3, "recipe")
+    assert by_method["pica"]["epochs"] == DEFAULT_EPOCHS["classification"] and by_method["pica"]["steps"] == 2
     assert results["summary"]["probe"]["lr"] == [DEFAULT_LR["probe"]]
     lines = results["table"].splitlines()
     assert "lr" in lines[0].split()

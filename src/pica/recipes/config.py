@@ -87,7 +87,8 @@ class RecipeConfig:
         None, "stop when the validation metric has not improved for N evaluations (one per epoch; epochs is "
               "then the maximum) and keep the best checkpoint")
     per_method: dict = _opt({}, 'per-method overrides as JSON, e.g. {"full": {"lr": 5e-5}}')
-    epochs: float = _opt(1.0, "training epochs")
+    epochs: Optional[float] = _opt(None, "training epochs (unset: the task's default, "
+                                         "pica.recipes.defaults.DEFAULT_EPOCHS: classify 5, math/commonsense 1)")
     max_steps: int = _opt(-1, "stop after N optimiser steps (-1: use epochs)")
     batch_size: int = _opt(16, "per-device training batch size")
     eval_batch_size: int = _opt(32, "evaluation batch size")
@@ -128,7 +129,8 @@ class RecipeConfig:
                 raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.generate_limit is not None and self.generate_limit < 1:
             raise RecipeError(f"generate_limit must be ≥ 1, got {self.generate_limit}")
-        if (isinstance(self.lr, float) and self.lr <= 0) or self.epochs <= 0 or self.warmup < 0:
+        if (isinstance(self.lr, float) and self.lr <= 0) or (self.epochs is not None and self.epochs <= 0) \
+                or self.warmup < 0:
             raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
         _check_selection(self)
         for method, overrides in self.per_method.items():

