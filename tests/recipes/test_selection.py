@@ -97,3 +97,22 @@ def test_early_stopping_keeps_the_best_epoch_by_validation(data, tmp_path):
     assert (tmp_path / "out" / "pica" / "seed0" / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "out" / "pica" / "seed0" / "trainer").exists()
     assert "early stopping (patience 1): best epoch" in results["table"]
+
+
+def test_generative_tasks_choose_by_validation_answer_loss(tmp_path):
+    from pica.recipes.tasks import register_task
+    from tests.harness_fixtures import fake_generative_task, save_tiny_llama
+
+    register_task("fake_generative", fake_generative_task())
+    rows = [{"question": "q good", "answer": "yes"}, {"question": "q bad", "answer": "no"}] * 5
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = RecipeConfig(task="fake_generative", model=str(save_tiny_llama(tmp_path / "llama")),
+                          train_data=str(train), eval_data=str(train), methods=["pica"], rank=4, lr="auto",
+                          lr_grid=[1e-4, 3e-2], early_stopping_patience=1, epochs=2, batch_size=4, max_length=16,
+                          max_new_tokens=2, eval_loss=False, save_model=False, output_dir=str(tmp_path / "out"))
+    run = run_experiment(prepare(recipe), progress=False)["runs"][0]
+    search, stop = run["lr_search"], run["early_stopping"]
+    assert (search["metric"], search["greater_is_better"]) == ("loss", False)
+    assert search["chosen"] == min(search["grid"], key=lambda lr: search["validation"][f"{lr:g}"])
+    assert stop["metric"] == "loss" and stop["best_metric"] > 0
+    assert (stop["fit_examples"], stop["validation_examples"]) == (8, 2)
