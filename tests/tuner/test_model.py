@@ -280,20 +280,6 @@ def test_inference_mode_forward_equals_eager_and_works_when_built_inside():
         assert torch.isfinite(built_inside(**inputs).logits).all()
 
 
-def test_mixed_adapter_batches_are_refused_in_forward_and_generate():
-    """peft drops ``adapter_names`` for tuners without support: every row would silently get the active adapter."""
-    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
-    randomize_updates(model, seed=1)
-    model.add_adapter("b", PiCaConfig(rank=2))
-    inputs = example_inputs("llama")
-    names = ["default", "b"]
-    with pytest.raises(ValueError, match=r"\['adapter_names'\]"):
-        model(**inputs, adapter_names=names)
-    with pytest.raises(ValueError, match=r"\['adapter_names'\]"):
-        model.generate(**inputs, adapter_names=names, max_new_tokens=2, do_sample=False)
-    assert model(**inputs).logits.shape[0] == 2  # plain calls are unaffected
-
-
 def test_targets_whose_forward_is_never_called_are_refused():
     """nn.MultiheadAttention reads out_proj.weight directly: PiCa there would be accepted and do nothing."""
 

@@ -25,6 +25,13 @@ METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe", "features")
 pooled features (:mod:`pica.recipes.features`), no Trainer."""
 
 
+_UNQUANTIZABLE = {"full": "full fine-tuning updates the quantised weights themselves",
+                  "probe": "the probe trains only the head: quantising the frozen body is not what it measures",
+                  "pissa": "peft's PiSSA initialisation needs float weights (it rewrites W0)",
+                  "features": "the frozen-feature reference reads the unquantised model (no training to save memory on)"}
+"""Methods refused with ``quantize``, and why."""
+
+
 class RecipeError(ValueError):
     """A recipe key, value or file is wrong; the message names it."""
 
@@ -64,6 +71,9 @@ class RecipeConfig:
     model: Optional[str] = _opt(None, "base model: local directory, hub id, or directory/file with gguf_file")
     gguf_file: Optional[str] = _opt(None, "GGUF file inside/next to --model (de-quantised by transformers)")
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "dtype of the base model weights")
+    quantize: Optional[Literal["4bit", "8bit"]] = _opt(None, "load the base quantised by bitsandbytes for the adapter "
+                                                             "methods (QLoRA-style): 4bit = nf4 computing in dtype, "
+                                                             "8bit = int8 rows")
     # method
     methods: list = _opt(["pica"], f"one or more of {', '.join(METHODS)}; several → a comparison", flag="--method")
     rank: int = _opt(16, "rank of PiCa / LoRA / DoRA / VeRA / PiSSA")
@@ -133,6 +143,13 @@ class RecipeConfig:
                 or self.warmup < 0:
             raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
         _check_selection(self)
+        quantized = [m for m in self.methods if m in _UNQUANTIZABLE
+                     and self.per_method.get(m, {}).get("quantize", self.quantize) is not None]
+        if quantized:
+            reasons = "; ".join(f"{method}: {_UNQUANTIZABLE[method]}" for method in quantized)
+            raise RecipeError(f"quantize: method(s) {quantized} cannot train on a quantised base ({reasons}); "
+                              "quantize works with pica, lora, dora and vera (drop quantize for those methods "
+                              "with per_method, e.g. {\"full\": {\"quantize\": null}})")
         for method, overrides in self.per_method.items():
             if method not in METHODS or not isinstance(overrides, dict):
                 raise RecipeError(f"per_method: key {method!r} must be a method of {list(METHODS)} "

@@ -127,7 +127,11 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
     set_seed(seed)  # the new task head starts from the same draw for every method
     model = load_base_model(recipe.model, kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
                             num_labels=options.get("num_labels"), problem=options.get("problem"),
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id, quantize=recipe.quantize)
+    if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
     init_started = time.perf_counter()
     with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads

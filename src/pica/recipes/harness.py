@@ -203,7 +203,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
             "peak_memory_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
             "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-            "saved": saved, "head_modules": fitted.heads,
+            "saved": saved, "head_modules": fitted.heads, "quantize": recipe.quantize,
         }
         write_json(run_dir / "results.json", result)
         write_json(run_dir / "run.json", {**_run_info(prepared, recipe), "method": method, "seed": seed,

@@ -35,7 +35,7 @@ def default_head_modules(model: nn.Module, task_kind: str) -> list[str]:
     return heads
 
 
-def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str]:
+def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str] | str:
     """The recipe's targets, else PiCa's default for the model type (used by every method)."""
     if recipe.target_modules:
         return list(recipe.target_modules)
@@ -43,7 +43,8 @@ def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str]:
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(f"no default target_modules for model_type {model_type!r}; set target_modules "
                          f"(known types: {sorted(DEFAULT_TARGET_MODULES)})")
-    return list(DEFAULT_TARGET_MODULES[model_type])
+    defaults = DEFAULT_TARGET_MODULES[model_type]
+    return defaults if isinstance(defaults, str) else list(defaults)  # a str is a regex over module paths
 
 
 def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind: str,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["absolute_if_local", "load_base_model", "load_tokenizer", "model_source"]
+__all__ = ["absolute_if_local", "load_base_model", "load_tokenizer", "model_source", "quantization_kwargs"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,15 +64,47 @@ def load_tokenizer(model: str, gguf_file: Optional[str] = None):
     return tokenizer
 
 
+def quantization_kwargs(quantize: Optional[str], dtype: str, keep: Optional[list[str]] = None) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that load the linear layers quantised by bitsandbytes (none for None).
+
+    ``"4bit"``: nf4 computing in ``dtype`` (QLoRA's format); ``"8bit"``: int8 rows (LLM.int8()). On the
+    CPU the model is placed with ``device_map="cpu"``, else on GPU 0 (a quantised model cannot be moved
+    by ``.to()`` later). ``keep``: module names left unquantised (a new task head has no weights to
+    quantise); None keeps transformers' default (the output layer).
+
+    Raises:
+        ImportError: bitsandbytes is not installed (naming the extra that installs it).
+    """
+    if quantize is None:
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantize={quantize!r} needs bitsandbytes: pip install 'pica[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_DTYPES[dtype],
+                                    llm_int8_skip_modules=keep)
+    elif quantize == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    else:
+        raise ValueError(f"quantize must be None, '4bit' or '8bit', got {quantize!r}")
+    return {"quantization_config": config, "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
+
+
 def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = None, dtype: str = "float32",
-                    num_labels: Optional[int] = None, problem: Optional[str] = None, pad_token_id: Optional[int] = None
-                    ) -> nn.Module:
+                    num_labels: Optional[int] = None, problem: Optional[str] = None, pad_token_id: Optional[int] = None,
+                    quantize: Optional[str] = None) -> nn.Module:
     """``AutoModelForCausalLM`` (generative) or ``AutoModelForSequenceClassification`` (classification).
 
     A new classification head is initialised from torch's current RNG state: seed before calling.
+    ``quantize``: load the linear layers quantised (see :func:`quantization_kwargs`), except a classifier's
+    head (``classifier``, ``score``, ``pooler``).
     """
     source, extra = model_source(model, gguf_file)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], **extra}
+    keep = ["classifier", "score", "pooler"] if task_kind == "classification" else None
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], **extra, **quantization_kwargs(quantize, dtype, keep)}
     if task_kind == "generative":
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     else:

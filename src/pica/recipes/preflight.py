@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from .config import RecipeConfig, RecipeError
 from .methods import apply_method, default_head_modules
-from .models import model_source
+from .models import model_source, quantization_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def check_before_training(recipe: RecipeConfig, task: Any, options: dict[str, An
 
     Checks the eval examples against the task's options (e.g. a label outside the training labels) and,
     for every method of the recipe (with its ``per_method`` overrides), the method applied to a
-    weightless copy of the model.
+    weightless copy of the model; ``quantize`` needs bitsandbytes.
 
     Raises:
         RecipeError: naming the method and what is wrong.
@@ -53,6 +53,12 @@ def check_before_training(recipe: RecipeConfig, task: Any, options: dict[str, An
     """
     if hasattr(task, "check_eval_examples"):
         task.check_eval_examples(eval_examples, options)
+    for method in recipe.methods:  # quantize with full/probe/pissa is refused by RecipeConfig itself
+        method_recipe = recipe.for_method(method)
+        try:
+            quantization_kwargs(method_recipe.quantize, method_recipe.dtype)
+        except ImportError as error:
+            raise RecipeError(f"method {method}: {error} (found before training; nothing was trained)") from error
     try:
         base = weightless_model(recipe, task.TASK_KIND, options)
     except Exception as error:  # noqa: BLE001  (an architecture that cannot be built without weights)

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .peft_type import PICA_PEFT_TYPE
+from .quantized import SCHEME_KEYS
 
 __all__ = ["PiCaConfig"]
 
@@ -52,6 +53,15 @@ class PiCaConfig(PeftConfig):
         forward_mode: ``"auto"`` (cheapest form per call), ``"factored"`` (``base(x) + (x Pᵀ) Mᵀ``),
             ``"merged"`` (``x (W0 + M P)ᵀ``, rebuilt in backward), ``"merged_keep"`` (merged weight kept
             from forward to backward: faster, one ``out×in`` tensor of activation memory per layer).
+        init_weights: True (the method): every ``M`` starts at zero, so the model equals its base.
+            False: ``M`` starts as small Gaussian noise (std ``0.1/sqrt(rank)``, from torch's current
+            random state), for tests that need an adapter that changes the output from the start (peft's
+            convention for ``init_weights=False``); not for training.
+        base_quantization: set by PiCa, not by hand: the quantisation scheme of the base the adapter was
+            created on (None: unquantised), e.g. ``{"method": "bitsandbytes_4bit", "quant_type": "nf4",
+            "blocksize": 64, "compress_statistics": True, "dtype": "float32", "unquantized_modules": []}``.
+            On full-precision weights, ``P`` and fingerprints are taken from them quantised again by it
+            (see :mod:`pica.tuner.quantized`).
     """
 
     rank: int = field(default=256, metadata={"help": "Number of top right singular directions per layer."})
@@ -86,6 +96,12 @@ class PiCaConfig(PeftConfig):
     forward_mode: Literal["auto", "factored", "merged", "merged_keep"] = field(
         default="auto", metadata={"help": "auto | factored | merged | merged_keep (memory for speed)."}
     )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: M = 0 (the method). False: small random M, for tests only."}
+    )
+    base_quantization: Optional[dict] = field(
+        default=None, metadata={"help": "Set by PiCa: quantisation scheme of the base the adapter was created on."}
+    )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "PiCaConfig":
         known = {f.name for f in dataclasses.fields(cls)} | {"store_projector"} if dataclasses.is_dataclass(cls) else set()
@@ -115,7 +131,7 @@ class PiCaConfig(PeftConfig):
                     raise ValueError(f"PiCaConfig.{name} must be None, a regex str or a list of names, got {value!r}")
         if self.target_modules is not None and len(self.target_modules) == 0:
             raise ValueError("PiCaConfig.target_modules is empty; give module names or leave it None for defaults")
-        for name in ("share_across_layers", "inference_mode"):
+        for name in ("share_across_layers", "inference_mode", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PiCaConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.projector_dtype not in _PROJECTOR_DTYPES:
@@ -141,3 +157,20 @@ class PiCaConfig(PeftConfig):
             not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)
         ):
             raise ValueError(f"PiCaConfig.modules_to_save must be a list of str, got {self.modules_to_save!r}")
+        _check_base_quantization(self.base_quantization)
+
+
+def _check_base_quantization(record: Any) -> None:
+    """Raise ``ValueError`` naming the problem if ``record`` is not a valid ``PiCaConfig.base_quantization``."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or record.get("method") not in SCHEME_KEYS:
+        raise ValueError(f"PiCaConfig.base_quantization must be None or a dict with 'method' in {sorted(SCHEME_KEYS)}, "
+                         f"got {record!r}")
+    expected = {"method", "unquantized_modules", *SCHEME_KEYS[record["method"]]}
+    if set(record) != expected:
+        raise ValueError(f"PiCaConfig.base_quantization for {record['method']} needs exactly the keys {sorted(expected)}, "
+                         f"got {sorted(record)}")
+    modules = record["unquantized_modules"]
+    if not isinstance(modules, list) or not all(isinstance(name, str) for name in modules):
+        raise ValueError(f"PiCaConfig.base_quantization['unquantized_modules'] must be a list of str, got {modules!r}")

@@ -11,7 +11,7 @@ per-layer FSDP units all see it, because it lives in the root unit (as tied embe
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -28,18 +28,12 @@ except ImportError:  # torch built without distributed support
 from ..functional import delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
 from .forms import use_merged_form
+from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantized
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "merged_adapter_names", "pica_layers"]
-
-def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
-    """The base weight in PyTorch ``(out_features, in_features)`` layout (a view for ``Conv1D``)."""
-    if isinstance(base_layer, Conv1D):
-        return base_layer.weight.T  # Conv1D stores (in_features, out_features)
-    if isinstance(base_layer, nn.Linear):
-        return base_layer.weight
-    raise TypeError(f"PiCa supports nn.Linear and transformers Conv1D, got {type(base_layer).__name__}")
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "merged_adapter_names", "pica_layers",
+           "refuse_quantized_merge"]
 
 
 def pica_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, PiCaLayer]]:
@@ -81,11 +75,31 @@ def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> Non
                                  f"'{module.pica_group[name]}' (fingerprint distance {distance:.3g})")
 
 
+def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
+    """Merging into a quantised base is refused, pointing to the alternatives.
+
+    Adding ``M P`` to a 4-bit or 8-bit weight means re-quantising ``W0 + M P``: the rounding changes
+    the outputs by about the quantisation error (for nf4 ~10% of ``‖W0‖``, far more than ``M P``), and
+    unmerging cannot restore ``W0``.
+
+    Raises:
+        TypeError: naming the quantised layers.
+    """
+    quantized = [f"{name or 'layer'} ({type(layer.get_base_layer()).__name__})" for name, layer in layers.items()
+                 if is_quantized(layer.get_base_layer())]
+    if quantized:
+        raise TypeError(
+            f"PiCa does not merge into quantised base layers {quantized[:4]}: re-quantising W0 + M P would change the "
+            "outputs by the rounding error. Instead: keep the adapter unmerged (the forward is exact), write a "
+            "full-precision merged checkpoint with pica.export_merged(model, out_dir), or load the adapter onto the "
+            "full-precision base and merge there.")
+
+
 class PiCaLayer(BaseTunerLayer):
     """Per-layer state, the lookup of the group's ``M``, and merge logic."""
 
     adapter_layer_names = ()  # the trainable M lives on the tuner, not on layers
-    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group")
+    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme")
 
     def __init__(self, base_layer: nn.Module, updates: nn.ModuleDict, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -94,18 +108,18 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_fingerprint = BufferDict({}, persistent=True)
         self.rank: dict[str, int] = {}
         self.pica_group: dict[str, str] = {}  # adapter → key of its group's M (see grouping.update_key)
+        self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → scheme P was taken through (quantized.adapter_view)
         self._base_fingerprint: dict[str, torch.Tensor] = {}  # of this base weight, computed at injection
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.pica_forward_mode: str = kwargs.pop("forward_mode", "auto")
-        weight = base_weight_out_in(self.get_base_layer())
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = base_shape(self.get_base_layer())
         self.kwargs = kwargs
         self.register_load_state_dict_pre_hook(_note_loaded_keys)
         self.register_load_state_dict_post_hook(_check_loaded_fingerprints)
 
     def update_layer(self, adapter_name: str, group_key: str, projector: torch.Tensor, fingerprint: torch.Tensor,
-                     inference_mode: bool = False) -> None:
+                     inference_mode: bool = False, scheme: Optional[dict] = None) -> None:
         """Attach adapter ``adapter_name``.
 
         Args:
@@ -114,6 +128,8 @@ class PiCaLayer(BaseTunerLayer):
             projector: frozen ``P``, ``(rank, in_features)``.
             fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
             inference_mode: freeze the adapter.
+            scheme: the quantisation scheme ``P`` and the fingerprint were taken through, for a
+                full-precision base of an adapter trained quantised (see :mod:`pica.tuner.quantized`).
 
         Raises:
             ValueError: ``M`` or ``P`` does not fit this layer's shape.
@@ -125,6 +141,7 @@ class PiCaLayer(BaseTunerLayer):
                              f"M {tuple(update.shape)}, P {tuple(projector.shape)}")
         self.rank[adapter_name] = rank
         self.pica_group[adapter_name] = group_key
+        self.pica_scheme[adapter_name] = scheme
         self.pica_P[adapter_name] = projector
         self.pica_fingerprint[adapter_name] = fingerprint
         self._base_fingerprint[adapter_name] = fingerprint.detach().clone()
@@ -132,7 +149,7 @@ class PiCaLayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move ``P`` and the fingerprint to the base layer's device, keeping their dtypes."""
-        target = device if device is not None else base_weight_out_in(self.get_base_layer()).device
+        target = device if device is not None else self.get_base_layer().weight.device
         if target.type == "meta":
             return
         for buffers in (self.pica_P, self.pica_fingerprint):
@@ -159,12 +176,11 @@ class PiCaLayer(BaseTunerLayer):
         return fingerprint_distance(stored, self._base_fingerprint[adapter_name])
 
     def refresh_base_fingerprint(self) -> None:
-        """Recompute the base weight's fingerprint (after its values were loaded)."""
-        weight = base_weight_out_in(self.get_base_layer())
-        if not weight.is_meta:
-            fingerprint = weight_fingerprint(weight)
+        """Recompute the base weight's fingerprint (after its values were loaded), as each adapter sees it."""
+        base = self.get_base_layer()
+        if not base.weight.is_meta:
             for name in self._base_fingerprint:
-                self._base_fingerprint[name] = fingerprint
+                self._base_fingerprint[name] = weight_fingerprint(adapter_view(base, self.pica_scheme.get(name)))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = M P`` in PyTorch layout ``(out_features, in_features)``, in ``M``'s dtype."""
@@ -185,7 +201,9 @@ class PiCaLayer(BaseTunerLayer):
 
         Raises:
             ValueError: with ``safe_merge``, naming the adapter whose merge gives non-finite weights.
+            TypeError: the base layer is quantised (see :func:`refuse_quantized_merge`).
         """
+        refuse_quantized_merge({"": self})
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.pica_P]
         weight = self.get_base_layer().weight
         deltas = {name: self._delta_in_storage_layout(name, weight.dtype) for name in adapter_names}
@@ -238,6 +256,9 @@ class Linear(nn.Module, PiCaLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.pica_P]
@@ -248,6 +269,29 @@ class Linear(nn.Module, PiCaLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             result = result + pica_delta(x, self.pica_P[name], self.get_update(name)).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
+                             ) -> torch.Tensor:
+        """One adapter per row (peft's ``adapter_names``): row ``i`` gets ``base_layer(x_i)`` plus the PiCa
+        term of ``adapter_names[i]`` (``"__base__"``, or an adapter this layer does not hold: none).
+
+        Args: x ``(batch, ..., in_features)``; ``adapter_names`` one name per row. Returns ``(batch, ..., out_features)``.
+
+        Raises:
+            ValueError: ``adapter_names`` does not have one name per row, or an adapter is merged.
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        if self.merged:
+            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):  # each adapter once, in order of first use
+            if name not in self.pica_P:
+                continue
+            rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
+            delta = pica_delta(x.index_select(0, rows), self.pica_P[name], self.get_update(name))
+            result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
     def __repr__(self) -> str:

@@ -1,7 +1,6 @@
 """Arguments of ``PeftModel.from_pretrained`` / ``load_adapter`` that a PiCa load refuses instead of ignoring.
 
-peft accepts several arguments that PiCa cannot honour and would drop without a word: PiCa keeps
-``M`` and ``P`` in float32 (``autocast_adapter_dtype=False`` would mean "keep the layer's dtype"),
+peft accepts several arguments that PiCa cannot honour and would drop without a word: PiCa
 has no ephemeral GPU offload, checks every tensor's shape (``ignore_mismatched_sizes=True`` would
 mean "skip mismatches"), reads safetensors only, and has fixed file keys (``key_mapping``). peft also
 passes unknown keyword arguments on to functions that ignore them, and config fields given as
@@ -26,7 +25,6 @@ from .layer import merged_adapter_names
 __all__ = ["call_arguments", "check_load_arguments"]
 
 _UNSUPPORTED = {  # argument -> (the one value PiCa supports, why no other)
-    "autocast_adapter_dtype": (True, "PiCa keeps M and P in float32 whatever the model dtype"),
     "ephemeral_gpu_offload": (False, "PiCa has no ephemeral GPU offload"),
     "ignore_mismatched_sizes": (False, "PiCa checks that every tensor fits its layer and refuses one that does not"),
     "use_safetensors": (True, "PiCa adapters are read from adapter_model.safetensors only"),

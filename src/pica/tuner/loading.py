@@ -57,6 +57,7 @@ from .auxiliary_state import auxiliary_tensors, check_auxiliary_file_keys
 from .load_arguments import call_arguments, check_load_arguments
 from .config import PiCaConfig
 from .layer import base_weight_out_in, pica_layers
+from .quantized import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,11 @@ def check_for_model(model: nn.Module, config, adapter_name: str, state_dict: dic
     if unused:
         problems.append(f"{len(unused)} tensor(s) that this PiCaConfig does not account for: {', '.join(unused[:6])}")
     if mismatched:
-        problems.insert(0, f"the adapter was trained on a different base model: base weights differ at "
+        quantized_here = any(is_quantized(layer.get_base_layer()) for _, layer in layers)
+        hint = (" (this base is quantised: if the adapter was trained on full-precision weights, PiCa cannot "
+                "reproduce them from the quantised ones; load it onto the full-precision base, or train on the "
+                "quantised one)" if quantized_here else "")
+        problems.insert(0, f"the adapter was trained on a different base model{hint}: base weights differ at "
                            f"{len(mismatched)} module(s): {', '.join(mismatched[:6])}")
     if problems:
         raise ValueError(f"Cannot load PiCa adapter '{adapter_name}': " + "; ".join(problems[:8]))

@@ -10,16 +10,18 @@ parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it a
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import adapter_state, loading
 from .config import PiCaConfig
-from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers
+from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
 from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
@@ -27,6 +29,11 @@ from .targets import DEFAULT_TARGET_MODULES
 __all__ = ["PiCaModel"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _with_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    """Forward pre-hook: the call gets ``adapter_names=names``."""
+    return args, {**kwargs, "adapter_names": names}
 
 
 class PiCaModel(BaseTuner):
@@ -54,7 +61,7 @@ class PiCaModel(BaseTuner):
                     f"PiCaConfig.target_modules is not set and model_type {model_type!r} has no default; known: "
                     f"{sorted(self.target_module_mapping)}"
                 )
-            peft_config.target_modules = list(defaults)
+            peft_config.target_modules = defaults if isinstance(defaults, str) else list(defaults)
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -84,7 +91,13 @@ class PiCaModel(BaseTuner):
             subspace=config.subspace,
             subspace_seed=config.subspace_seed,
             projectors=loading.projectors_being_loaded(adapter_name, config),
+            base_quantization=config.base_quantization,
         )
+        config.base_quantization = plan.quantization
+        if not config.init_weights:  # peft's init_weights=False: an adapter that changes the output (tests)
+            with torch.no_grad():
+                for update in plan.updates.values():
+                    update.normal_(0.0, 0.1 / config.rank ** 0.5)
         if "pica_M" not in self._modules:
             self.pica_M = nn.ModuleDict()
         self.pica_M[adapter_name] = nn.ParameterDict(plan.updates)
@@ -119,7 +132,7 @@ class PiCaModel(BaseTuner):
         else:
             layer = Linear(target, adapter_name, self.pica_M, forward_mode=peft_config.forward_mode)
         layer.update_layer(adapter_name, layer_plan.group_key, layer_plan.projector, layer_plan.fingerprint,
-                           inference_mode=peft_config.inference_mode)
+                           inference_mode=peft_config.inference_mode, scheme=layer_plan.scheme)
         layer.pica_forward_mode = peft_config.forward_mode
         if layer is not target:
             if adapter_name not in self.active_adapters:
@@ -153,21 +166,73 @@ class PiCaModel(BaseTuner):
         return self._modules.get("pica_M") or nn.ModuleDict()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Keep ``M`` and ``P`` in float32 whatever the model dtype."""
+        """peft's ``autocast_adapter_dtype``: True (default) keeps ``M`` in float32 whatever the model dtype;
+        False stores each ``M`` in the dtype of its layers' base weights (bf16/fp16 models), and the PiCa
+        term is then computed in that dtype (it follows ``M``). ``P`` stays float32 and is cast per call.
+        Quantised or float32 bases keep a float32 ``M``. ``M`` stays one parameter per group either way."""
+        if autocast_adapter_dtype or adapter_name not in self._updates():
+            return
+        dtypes: dict[str, torch.dtype] = {}
+        for _, layer in pica_layers(self.model, adapter_name):
+            weight = layer.get_base_layer().weight
+            if weight.dtype in (torch.float16, torch.bfloat16):
+                dtypes.setdefault(layer.pica_group[adapter_name], weight.dtype)
+        for key, update in self._updates()[adapter_name].items():
+            if key in dtypes:
+                cast = update.data.to(dtypes[key])
+                if not torch.isfinite(cast).all():
+                    raise ValueError(f"PiCa adapter '{adapter_name}': M of group '{key}' does not fit in "
+                                     f"{dtypes[key]} (autocast_adapter_dtype=False); keep the default True")
+                update.data = cast
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """peft enters this around every forward and generate; its special arguments that PiCa does not
-        support (mixed-adapter batches: ``adapter_names``, ``alora_offsets``) are refused, not dropped.
+        """peft enters this around every forward and generate. ``adapter_names`` (one adapter per row,
+        ``"__base__"`` for the base model) is passed to every PiCa layer and ``modules_to_save`` wrapper for
+        the call; with beam search (``num_beams``) each name is repeated per beam, except in the encoder of an
+        encoder-decoder model, which sees the original rows. ``alora_offsets`` (aLoRA) is refused.
 
         Raises:
-            ValueError: naming the argument (peft would otherwise give every row the active adapter).
+            ValueError: ``alora_offsets``; ``adapter_names`` in training mode, with a merged adapter, or naming
+                an adapter that does not exist.
         """
-        given = sorted(name for name in ("adapter_names", "alora_offsets") if kwargs.get(name) is not None)
-        if given:
-            raise ValueError(f"PiCa does not support {given} (one adapter per row) yet; peft would silently apply "
-                             "the active adapter to every row. Call set_adapter() per batch instead.")
-        yield
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError("PiCa does not support alora_offsets (an aLoRA feature); peft would ignore it")
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+        if self.training:
+            raise ValueError("Cannot pass adapter_names in training mode (mixed-adapter batches are for inference)")
+        merged = merged_adapter_names(self.model)
+        if merged:
+            raise ValueError(f"Cannot pass adapter_names while {merged} are merged; call unmerge_adapter() first")
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
+                             f"{sorted(self.peft_config)} (and '__base__')")
+        per_row = list(adapter_names)
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:  # generate repeats each row once per beam
+            per_row = [name for name in adapter_names for _ in range(beams)]
+
+        def receivers(root: nn.Module) -> list[nn.Module]:
+            return [m for m in root.modules() if isinstance(m, (PiCaLayer, AuxiliaryTrainingWrapper))]
+
+        handles = [module.register_forward_pre_hook(functools.partial(_with_adapter_names, names=per_row),
+                                                    with_kwargs=True) for module in receivers(self.model)]
+        encoder = self.model.get_encoder() if getattr(self.model.config, "is_encoder_decoder", False) else None
+        if encoder is not None and per_row != list(adapter_names):  # registered later: runs last, wins
+            handles += [module.register_forward_pre_hook(functools.partial(_with_adapter_names,
+                                                                           names=list(adapter_names)), with_kwargs=True)
+                        for module in receivers(encoder)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ------------------------------------------------------------------ merging
 
@@ -177,8 +242,10 @@ class PiCaModel(BaseTuner):
         Raises:
             ValueError: an unknown adapter name (peft would merge nothing for it), or with ``safe_merge``
                 a merge that gives non-finite weights (nothing merged).
+            TypeError: a base layer is quantised (nothing merged; see :func:`pica.tuner.layer.refuse_quantized_merge`).
         """
         self._check_adapter_names(adapter_names)
+        refuse_quantized_merge(dict(pica_layers(self.model)))
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names)
@@ -187,6 +254,7 @@ class PiCaModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
         if merge:
             self._check_adapter_names(adapter_names)
+            refuse_quantized_merge(dict(pica_layers(self.model)))
         if merge and safe_merge:
             self._check_merge_is_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, adapter_names=adapter_names)

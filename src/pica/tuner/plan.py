@@ -6,6 +6,7 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Mapping
@@ -18,10 +19,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..fingerprint import FINGERPRINT_SIZE, weight_fingerprint
-from ..projector_batch import top_right_singular_vectors_many
+from ..projector_batch import LazyWeight, top_right_singular_vectors_many
 from ..grouping import group_of, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
-from .layer import base_weight_out_in
+from .quantized import (adapter_view, base_shape, base_weight_out_in, check_supported, is_quantized,
+                        quantization_record, requantized_weight, target_schemes)
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +39,24 @@ class LayerPlan:
             the module name when unshared).
         projector: ``(rank, in_features)`` frozen ``P``.
         fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
+        scheme: for a full-precision base of an adapter trained on its quantised form, the scheme that
+            ``P`` and the fingerprint were taken through (:func:`pica.tuner.quantized.target_schemes`).
     """
 
     group_key: str
     projector: torch.Tensor
     fingerprint: torch.Tensor
+    scheme: dict | None = None
 
 
 @dataclass
 class AdapterPlan:
-    """Per-module plans and the zero-initialised trainable ``M`` of each group, ``(out_features, rank)``."""
+    """Per-module plans, the zero-initialised trainable ``M`` of each group, ``(out_features, rank)``, and the
+    quantisation record of the base (``PiCaConfig.base_quantization``; None for an unquantised one)."""
 
     layers: dict[str, LayerPlan]
     updates: dict[str, nn.Parameter]
+    quantization: dict | None = None
 
 
 def _candidates(model: nn.Module) -> list[str]:
@@ -73,9 +80,9 @@ def _find_targets(model: nn.Module, is_target: Callable[[str], object]) -> dict[
     return targets
 
 
-def _log_progress(count: int, total: int, name: str, weight: torch.Tensor) -> None:
+def _log_progress(count: int, total: int, name: str, shape: tuple[int, int]) -> None:
     """The ``PiCa projector i/n`` debug record (progress bars listen to it)."""
-    logger.debug("PiCa projector %d/%d: %s %s", count, total, name, tuple(weight.shape))
+    logger.debug("PiCa projector %d/%d: %s %s", count, total, name, shape)
 
 
 def plan_adapter(
@@ -88,6 +95,7 @@ def plan_adapter(
     subspace: str = "top",
     subspace_seed: int = 0,
     projectors: Mapping[str, torch.Tensor] | None = None,
+    base_quantization: dict | None = None,
 ) -> AdapterPlan:
     """Find, validate and prepare every target of one adapter.
 
@@ -102,6 +110,7 @@ def plan_adapter(
         subspace_seed: seed of the random ``P`` (with the module name).
         projectors: module name → ``(rank, in_features)`` ``P`` read from an adapter file being loaded
             (``projector_storage="full"``); every target must have one. None: compute every ``P``.
+        base_quantization: the adapter's ``PiCaConfig.base_quantization`` (None: record this base's).
 
     Returns:
         The plan; nothing in ``model`` has changed.
@@ -118,6 +127,7 @@ def plan_adapter(
             f"PiCa target_modules {target_description!r} matched no module of {type(model).__name__}; "
             f"linear layer names in this model include {_candidates(model)}"
         )
+    check_supported(targets)
     unsupported = [f"{n} ({type(m).__name__})" for n, m in targets.items() if not isinstance(m, (nn.Linear, Conv1D))]
     if unsupported:
         raise TypeError(f"PiCa supports nn.Linear and transformers Conv1D only; targeted: {unsupported[:8]}")
@@ -125,50 +135,85 @@ def plan_adapter(
     if unused:  # MultiheadAttention reads out_proj.weight itself and never calls out_proj: an adapter there does nothing
         raise TypeError(f"PiCa cannot adapt {unused[:8]}: nn.MultiheadAttention uses these weights without calling "
                         "the layer, so the adapter would never change the output")
-    weights = {name: base_weight_out_in(module) for name, module in targets.items()}
-    too_small = [f"{n} {tuple(w.shape)}" for n, w in weights.items() if rank > min(w.shape)]
+    shapes = {name: base_shape(module) for name, module in targets.items()}  # (out, in), never packed storage
+    too_small = [f"{n} {shape}" for n, shape in shapes.items() if rank > min(shape)]
     if too_small:
         raise ValueError(f"PiCaConfig.rank={rank} exceeds min(out_features, in_features) of {too_small[:8]}")
     roles = {name: group_of(name, share_across_layers) for name in targets}
-    members = validate_groups(roles, {name: w.shape[0] for name, w in weights.items()})
+    members = validate_groups(roles, {name: shape[0] for name, shape in shapes.items()})
     groups = {name: update_key(role) for name, role in roles.items()}
+    record = base_quantization if base_quantization is not None else quantization_record(targets)
+    schemes = target_schemes(record, targets)  # full-precision targets of an adapter trained quantised
 
-    real = [name for name, weight in weights.items() if not weight.is_meta]
-    bad = [name for name in real if not torch.isfinite(weights[name]).all()]
+    def read(name: str) -> torch.Tensor:  # (out, in); a new tensor for quantised (or re-quantised) weights
+        return adapter_view(targets[name], schemes.get(name))
+
+    real = [name for name, module in targets.items() if not module.weight.is_meta]
+    bad, fingerprints = [], {}
+    for name in real:  # one weight at a time: never every de-quantised weight at once
+        weight = read(name)
+        if not torch.isfinite(weight).all():
+            bad.append(name)
+        elif not bad:
+            fingerprints[name] = weight_fingerprint(weight)
+        del weight
     if bad:
         raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
+    if schemes:
+        _warn_quantization_distance(record, {name: targets[name] for name in schemes if name in fingerprints})
+    devices = {name: targets[name].weight.device for name in real}
     if projectors is not None:
         unfit = [f"{name}: P missing" if name not in projectors else f"{name}: P has shape "
-                 f"{tuple(projectors[name].shape)}, expected {(rank, weights[name].shape[1])}"
-                 for name in weights if getattr(projectors.get(name), "shape", None) != (rank, weights[name].shape[1])]
+                 f"{tuple(projectors[name].shape)}, expected {(rank, shapes[name][1])}"
+                 for name in shapes if getattr(projectors.get(name), "shape", None) != (rank, shapes[name][1])]
         if unfit:
             raise ValueError(f"the adapter file does not fit this model at {len(unfit)} module(s): {'; '.join(unfit[:6])}")
-        projectors = {name: projectors[name].to(weights[name].device, torch.float32) for name in real}
+        projectors = {name: projectors[name].to(devices[name], torch.float32) for name in real}
     elif subspace == "random":
         projectors = {}
         for index, name in enumerate(real):
-            random_rows = random_orthonormal_rows(name, rank, weights[name].shape[1], subspace_seed)  # (rank, in)
-            projectors[name] = random_rows.to(weights[name].device)
-            _log_progress(index + 1, len(real), name, weights[name])
+            random_rows = random_orthonormal_rows(name, rank, shapes[name][1], subspace_seed)  # (rank, in)
+            projectors[name] = random_rows.to(devices[name])
+            _log_progress(index + 1, len(real), name, shapes[name])
     else:
         finished = itertools.count(1)  # next() is atomic under the GIL: a thread-safe counter
 
         def done(index: int) -> None:
-            _log_progress(next(finished), len(real), real[index], weights[real[index]])
+            _log_progress(next(finished), len(real), real[index], shapes[real[index]])
 
-        computed = top_right_singular_vectors_many([weights[name] for name in real], rank, projector_dtype, done=done)
+        sources = [LazyWeight(shapes[name], devices[name], functools.partial(read, name))
+                   if is_quantized(targets[name]) or name in schemes else read(name) for name in real]
+        computed = top_right_singular_vectors_many(sources, rank, projector_dtype, done=done) if sources else []
         projectors = {name: projector.float() for name, projector in zip(real, computed)}  # (rank, in_features)
     layers: dict[str, LayerPlan] = {}
-    for name, weight in weights.items():
-        if weight.is_meta:
-            projector = torch.empty(rank, weight.shape[1], device="meta")  # (rank, in_features)
+    for name, shape in shapes.items():
+        if name not in fingerprints:  # a weightless (meta) base
+            projector = torch.empty(rank, shape[1], device="meta")  # (rank, in_features)
             fingerprint = torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta")
         else:
-            projector, fingerprint = projectors[name], weight_fingerprint(weight)
-        layers[name] = LayerPlan(groups[name], projector, fingerprint)
+            projector, fingerprint = projectors[name], fingerprints[name]
+        layers[name] = LayerPlan(groups[name], projector, fingerprint, schemes.get(name))
     updates = {}
     for role, names in members.items():
-        first = weights[names[0]]
-        updates[update_key(role)] = nn.Parameter(torch.zeros(first.shape[0], rank, device=first.device))  # (out, rank) fp32
+        device = targets[names[0]].weight.device
+        updates[update_key(role)] = nn.Parameter(torch.zeros(shapes[names[0]][0], rank, device=device))  # (out, rank) fp32
     logger.info("PiCa: %d layers in %d groups, rank %d", len(layers), len(updates), rank)
-    return AdapterPlan(layers, updates)
+    return AdapterPlan(layers, updates, record)
+
+
+def _warn_quantization_distance(record: dict, targets: dict[str, nn.Module]) -> None:
+    """Warn that an adapter trained on a quantised base is used on full-precision weights, and how far apart
+    the two bases are (the largest relative distance ``‖W − Q(W)‖_F / ‖W‖_F`` over the layers)."""
+    distances = {}
+    for name, module in targets.items():  # one layer at a time
+        weight = base_weight_out_in(module).detach().float()  # (out, in)
+        quantized = requantized_weight(weight, record)
+        distances[name] = float(torch.linalg.norm(weight - quantized) / torch.linalg.norm(weight).clamp_min(1e-30))
+    worst = max(distances, key=distances.get)
+    scheme = {key: value for key, value in record.items() if key != "unquantized_modules"}
+    logger.warning(
+        "PiCa adapter trained on a quantised base (%s) is used on full-precision weights at %d module(s): its P and "
+        "fingerprints are taken from these weights quantised again by that scheme, but the outputs are those of the "
+        "full-precision base, which differs from the trained-on one by quantisation: relative weight distance "
+        "%.3g (mean) up to %.3g (%s).", scheme, len(distances), sum(distances.values()) / len(distances),
+        distances[worst], worst)

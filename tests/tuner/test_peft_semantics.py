@@ -1,0 +1,80 @@
+"""peft API semantics PiCa follows (issue 18): ``init_weights`` and ``autocast_adapter_dtype``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from pica import PiCaConfig
+from pica.io import AdapterFileError
+from tests.conftest import example_inputs, make_llama, model_output
+
+
+def _updates(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if ".pica_M." in name}
+
+
+def test_init_weights_false_gives_a_random_m_that_changes_the_output():
+    base = make_llama()
+    reference = model_output(base, example_inputs("llama"))
+    base = make_llama()  # make_llama seeds torch itself: seed after it
+    torch.manual_seed(0)
+    model = get_peft_model(base, PiCaConfig(rank=4, init_weights=False))
+    updates = _updates(model)
+    assert all(u.abs().max() > 0 for u in updates.values())
+    assert all(abs(u.std().item() - 0.1 / 2) < 0.03 for u in updates.values())  # std 0.1/sqrt(rank)
+    assert not torch.allclose(model_output(model, example_inputs("llama")), reference, atol=1e-4)
+    base = make_llama()
+    torch.manual_seed(1)
+    other = get_peft_model(base, PiCaConfig(rank=4, init_weights=False))
+    assert not torch.equal(model_output(other, example_inputs("llama")), model_output(model, example_inputs("llama")))
+    with model.disable_adapter():
+        assert torch.equal(model_output(model, example_inputs("llama")), reference)
+    default = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    assert all(torch.count_nonzero(u) == 0 for u in _updates(default).values())
+
+
+def test_init_weights_is_saved_and_the_file_m_wins_at_load(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4, init_weights=False))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    assert loaded.peft_config["default"].init_weights is False
+    assert torch.equal(model_output(loaded, example_inputs("llama")), model_output(model, example_inputs("llama")))
+    with pytest.raises(ValueError, match="init_weights must be a bool"):
+        PiCaConfig(init_weights="no")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_stores_m_in_the_model_dtype(dtype, tmp_path):
+    model = get_peft_model(make_llama().to(dtype), PiCaConfig(rank=4, init_weights=False),
+                           autocast_adapter_dtype=False)
+    updates = _updates(model)
+    assert {u.dtype for u in updates.values()} == {dtype}
+    assert len(updates) == 5  # still one M per group, registered once
+    inputs = example_inputs("llama")
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert all(u.grad is not None and u.grad.dtype == dtype for u in updates.values())
+    default = get_peft_model(make_llama().to(dtype), PiCaConfig(rank=4))
+    assert {u.dtype for u in _updates(default).values()} == {torch.float32}  # peft's default: float32 adapters
+    model.save_pretrained(tmp_path)
+    kept = PeftModel.from_pretrained(make_llama().to(dtype), tmp_path, autocast_adapter_dtype=False)
+    assert {u.dtype for u in _updates(kept).values()} == {dtype}
+    assert torch.equal(model_output(kept, inputs), model_output(model, inputs))
+    upcast = PeftModel.from_pretrained(make_llama().to(dtype), tmp_path)
+    assert {u.dtype for u in _updates(upcast).values()} == {torch.float32}
+    for name, u in _updates(upcast).items():
+        assert torch.equal(u, _updates(kept)[name].float())
+
+
+def test_autocast_adapter_dtype_false_on_float32_keeps_float32_and_refuses_overflow(tmp_path):
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4), autocast_adapter_dtype=False)
+    assert {u.dtype for u in _updates(model).values()} == {torch.float32}
+    big = get_peft_model(make_llama().to(torch.float16), PiCaConfig(rank=4))
+    with torch.no_grad():
+        next(iter(_updates(big).values())).fill_(1e6)  # fits float32, not float16
+    big.save_pretrained(tmp_path)
+    with pytest.raises((ValueError, AdapterFileError), match="not finite in torch.float16"):
+        PeftModel.from_pretrained(make_llama().to(torch.float16), tmp_path, autocast_adapter_dtype=False)
