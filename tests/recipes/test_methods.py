@@ -31,7 +31,13 @@ def test_default_targets_and_head(bert_dir):
     assert target_modules_for(model, RecipeConfig(target_modules=["value"])) == ["value"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+def test_features_is_not_a_trainer_method(bert_dir):
+    # features fits a logistic regression on frozen features (pica.recipes.features), no model to adapt
+    with pytest.raises(ValueError, match="unknown method 'features'"):
+        apply_method(_model(bert_dir), "features", RecipeConfig(rank=RANK), "classification")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "features"])
 def test_parameter_split_per_method(bert_dir, method):
     model = apply_method(_model(bert_dir), method, RecipeConfig(rank=RANK), "classification")
     split = parameter_split(model, ["classifier"])

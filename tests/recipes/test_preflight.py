@@ -7,7 +7,7 @@ import pytest
 from transformers import Trainer
 
 from pica.cli import main
-from pica.recipes import harness
+from pica.recipes import fit
 from pica.recipes.config import RecipeConfig, RecipeError, RunsFailedError
 from pica.recipes.harness import prepare, run_experiment
 from tests.harness_fixtures import save_tiny_bert, save_tiny_llama, sentiment_rows, write_jsonl
@@ -72,14 +72,14 @@ def test_generative_model_is_checked_without_weights(tmp_path, no_training):
 
 
 def test_a_run_that_fails_later_keeps_the_finished_runs(data, tmp_path, monkeypatch, capsys):
-    real = harness.apply_method
+    real = fit.apply_method  # the training run applies the method in pica.recipes.fit
 
     def lora_runs_out_of_memory(model, method, *args, **kwargs):
         if method == "lora":
             raise RuntimeError("injected: out of memory")
         return real(model, method, *args, **kwargs)
 
-    monkeypatch.setattr(harness, "apply_method", lora_runs_out_of_memory)
+    monkeypatch.setattr(fit, "apply_method", lora_runs_out_of_memory)
     recipe = _recipe(data, tmp_path, methods=["pica", "lora", "probe"])
     with pytest.raises(RunsFailedError, match=r"1 of 3 runs failed \(lora seed 0: RuntimeError: injected") as info:
         run_experiment(prepare(recipe), progress=False)
@@ -105,7 +105,7 @@ def test_if_every_run_fails_the_error_is_raised_and_nothing_written(data, tmp_pa
     def always(*args, **kwargs):
         raise RuntimeError("injected: every run fails")
 
-    monkeypatch.setattr(harness, "apply_method", always)
+    monkeypatch.setattr(fit, "apply_method", always)
     with pytest.raises(RuntimeError, match="every run fails"):
         run_experiment(prepare(_recipe(data, tmp_path, methods=["pica", "lora"])), progress=False)
     assert not (tmp_path / "out").exists()

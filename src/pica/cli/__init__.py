@@ -42,6 +42,19 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _number_or(words: Sequence[str]):
+    """An argparse type: a number, or one of ``words`` (``--lr 3e-4`` / ``--lr auto``)."""
+    def parse(text: str) -> float | str:
+        if text in words:
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number or one of {list(words)}, got {text!r}") from None
+
+    return parse
+
+
 def _add_recipe_flags(parser: argparse.ArgumentParser, only: Optional[Sequence[str]] = None,
                       defaults: Optional[dict[str, Any]] = None) -> None:
     """One flag per recipe field, documented from the field's help and default."""
@@ -53,8 +66,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, only: Optional[Sequence[s
         if only is not None and item.name not in only:
             continue
         hint = hints[item.name]
+        words: list[str] = []
         if typing.get_origin(hint) is Union:
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            alternatives = [a for a in typing.get_args(hint) if a is not type(None)]
+            words = [w for a in alternatives if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+            hint = alternatives[0]
         default = (defaults or {}).get(item.name, item.default if item.default is not dataclasses.MISSING
                                        else item.default_factory())
         flags = [f"--{item.name.replace('_', '-')}"]
@@ -62,13 +78,16 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, only: Optional[Sequence[s
             flags.insert(0, item.metadata["flag"])
         kwargs: dict[str, Any] = {"dest": item.name, "default": None,
                                   "help": f"{item.metadata['help']} (default: {default!r})"}
-        if hint is bool:
+        if words:
+            kwargs.update(type=_number_or(words), metavar="NUMBER|" + "|".join(words))
+        elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is Literal:
             kwargs["choices"] = list(typing.get_args(hint))
         elif hint is list:
-            metavar = {"methods": "METHOD", "seeds": "SEED"}.get(item.name, "MODULE")
-            kwargs.update(nargs="+", type=int if item.name == "seeds" else str, metavar=metavar)
+            metavar = {"methods": "METHOD", "seeds": "SEED", "lr_grid": "LR"}.get(item.name, "MODULE")
+            kwargs.update(nargs="+", type=item.metadata.get("flag_type", int if item.name == "seeds" else str),
+                          metavar=metavar)
         elif hint is dict:
             kwargs.update(type=_json_object, metavar="JSON")
         else:

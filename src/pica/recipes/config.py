@@ -19,13 +19,16 @@ from ..io import nesting_depth
 
 __all__ = ["METHODS", "RecipeConfig", "RecipeError", "RunsFailedError", "load_recipe_file", "resolve_recipe"]
 
-METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe")
-"""``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything."""
+METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe", "features")
+"""``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything;
+``features`` (classification only) fits a scikit-learn logistic regression on the frozen model's
+pooled features (:mod:`pica.recipes.features`), no Trainer."""
 
 
 _UNQUANTIZABLE = {"full": "full fine-tuning updates the quantised weights themselves",
                   "probe": "the probe trains only the head: quantising the frozen body is not what it measures",
-                  "pissa": "peft's PiSSA initialisation needs float weights (it rewrites W0)"}
+                  "pissa": "peft's PiSSA initialisation needs float weights (it rewrites W0)",
+                  "features": "the frozen-feature reference reads the unquantised model (no training to save memory on)"}
 """Methods refused with ``quantize``, and why."""
 
 
@@ -82,9 +85,20 @@ class RecipeConfig:
     subspace: Literal["top", "random"] = _opt("top", "PiCa: top singular subspace, or a random orthonormal one")
     subspace_seed: int = _opt(0, "PiCa: seed of the random subspace")
     # schedule (Trainer)
-    lr: float = _opt(1e-3, "peak learning rate")
+    lr: Union[float, Literal["auto"], None] = _opt(
+        None, "peak learning rate; unset: the method's default (pica.recipes.defaults.DEFAULT_LR); 'auto': "
+              "chosen per method on a validation split carved from the training data (see lr_grid)")
+    lr_grid: Optional[list] = _opt(None, "lr: auto: the learning rates to try (default: the method's default "
+                                         "× 1/3, 1, 3)", flag_type=float)
+    validation_fraction: Optional[float] = _opt(
+        None, "lr: auto / early_stopping_patience: fraction of the training data held out for validation "
+              "(default 0.2; stratified by label for classification; seeded by the run's seed)")
+    early_stopping_patience: Optional[int] = _opt(
+        None, "stop when the validation metric has not improved for N evaluations (one per epoch; epochs is "
+              "then the maximum) and keep the best checkpoint")
     per_method: dict = _opt({}, 'per-method overrides as JSON, e.g. {"full": {"lr": 5e-5}}')
-    epochs: float = _opt(1.0, "training epochs")
+    epochs: Optional[float] = _opt(None, "training epochs (unset: the task's default, "
+                                         "pica.recipes.defaults.DEFAULT_EPOCHS: classify 5, math/commonsense 1)")
     max_steps: int = _opt(-1, "stop after N optimiser steps (-1: use epochs)")
     batch_size: int = _opt(16, "per-device training batch size")
     eval_batch_size: int = _opt(32, "evaluation batch size")
@@ -125,8 +139,10 @@ class RecipeConfig:
                 raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.generate_limit is not None and self.generate_limit < 1:
             raise RecipeError(f"generate_limit must be ≥ 1, got {self.generate_limit}")
-        if self.lr <= 0 or self.epochs <= 0 or self.warmup < 0:
+        if (isinstance(self.lr, float) and self.lr <= 0) or (self.epochs is not None and self.epochs <= 0) \
+                or self.warmup < 0:
             raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
+        _check_selection(self)
         quantized = [m for m in self.methods if m in _UNQUANTIZABLE
                      and self.per_method.get(m, {}).get("quantize", self.quantize) is not None]
         if quantized:
@@ -151,6 +167,20 @@ class RecipeConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def _check_selection(recipe: RecipeConfig) -> None:
+    """``lr_grid``, ``validation_fraction`` and ``early_stopping_patience``: values, and used by something."""
+    if recipe.lr_grid is not None:
+        grid = recipe.lr_grid
+        if len(grid) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in grid):
+            raise RecipeError(f"lr_grid must be at least 2 positive numbers, got {grid!r}")
+        if len(set(grid)) != len(grid):
+            raise RecipeError(f"lr_grid: duplicates in {grid!r}")
+    if recipe.validation_fraction is not None and not 0 < recipe.validation_fraction < 1:
+        raise RecipeError(f"validation_fraction must be between 0 and 1 (exclusive), got {recipe.validation_fraction}")
+    if recipe.early_stopping_patience is not None and recipe.early_stopping_patience < 1:
+        raise RecipeError(f"early_stopping_patience must be ≥ 1, got {recipe.early_stopping_patience}")
+
+
 _HINTS: dict[str, Any] = {}
 
 
@@ -164,9 +194,15 @@ def _check(name: str, value: Any, hint: Any) -> Any:
     """Validate/coerce one value against its annotation; ``RecipeError`` naming ``name`` if wrong."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in args:
             return None
-        return _check(name, value, next(a for a in args if a is not type(None)))
+        errors = []
+        for alternative in (a for a in args if a is not type(None)):
+            try:
+                return _check(name, value, alternative)
+            except RecipeError as error:
+                errors.append(str(error).removeprefix(f"{name} must be ").split(", got ")[0])
+        raise RecipeError(f"{name} must be {' or '.join(errors)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise RecipeError(f"{name} must be one of {list(args)}, got {value!r}")

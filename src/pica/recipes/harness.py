@@ -10,6 +10,7 @@ leaves no partial output directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,17 +25,18 @@ from typing import Any, Optional
 
 import torch
 import yaml
-from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
-                          set_seed)
 
 from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
-from .measure import PeakMemory, projector_progress
-from .methods import apply_method, default_head_modules, parameter_split
+from .defaults import with_defaults
+from .features import check_features, fit_features
+from .fit import fit
+from .selection import check_selection, choose_lr, split_validation
+from .measure import PeakMemory
 from .preflight import check_before_training
-from .models import load_base_model, load_tokenizer
-from .results import format_table, plot_comparison, plot_loss, summarize, write_json
+from .models import load_tokenizer
+from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -79,8 +81,6 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
         pica.io.OutputWouldDeleteInputError, NotADirectoryError, FileExistsError: ``output_dir`` is or
             contains an input or the current directory, is a file, or is not empty without ``overwrite``.
     """
-    import dataclasses
-
     from ..io import check_output_directory
     from .models import absolute_if_local
 
@@ -113,7 +113,10 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
         options = task.infer_options(train_examples, options)
     tokenizer = load_tokenizer(recipe.model, recipe.gguf_file)
     check_before_training(recipe, task, options, eval_examples)
-    return PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
+    prepared = PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
+    check_selection(recipe, task, options, train_examples, prepared.metric)
+    check_features(recipe, task, options)
+    return prepared
 
 
 def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress: bool = True) -> dict:
@@ -143,72 +146,36 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
     return evaluation
 
 
-def _load_model(prepared: PreparedRun, recipe: RecipeConfig):
-    model = load_base_model(recipe.model, prepared.task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                            num_labels=prepared.options.get("num_labels"), problem=prepared.options.get("problem"),
-                            pad_token_id=prepared.tokenizer.pad_token_id, quantize=recipe.quantize,
-                            head_modules=recipe.head_modules)
-    if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
-
-
-def _training_arguments(recipe: RecipeConfig, seed: int, run_dir: Path, progress: bool) -> TrainingArguments:
-    cuda = torch.cuda.is_available()
-    checkpointing = {}
-    if recipe.gradient_checkpointing:  # transformers ≥5 renamed the argument
-        fields = TrainingArguments.__dataclass_fields__
-        checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
-                         else "gradient_checkpointing": True}
-    return TrainingArguments(
-        output_dir=str(run_dir / "trainer"), learning_rate=recipe.lr, num_train_epochs=recipe.epochs,
-        max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.grad_accum, warmup_steps=recipe.warmup,
-        lr_scheduler_type=recipe.scheduler, weight_decay=recipe.weight_decay, logging_steps=recipe.logging_steps,
-        logging_first_step=True, save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
-        bf16=cuda and recipe.dtype == "bfloat16", fp16=cuda and recipe.dtype == "float16",
-        remove_unused_columns=False, **checkpointing,
-        label_names=["labels"], disable_tqdm=not progress,
-        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
-    )
-
-
 def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, progress: bool = True) -> dict:
-    """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict."""
-    recipe = prepared.recipe.for_method(method)
-    kind = prepared.task.TASK_KIND
+    """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict.
+
+    The learning rate is the recipe's, else the method's default (:mod:`pica.recipes.defaults`), or
+    with ``lr: auto`` the best of a grid on a validation split (:func:`pica.recipes.selection.choose_lr`);
+    then the final run trains on all the training data, or, with ``early_stopping_patience``, on the
+    fit part with the best epoch by validation kept. ``lr`` (the value used), ``lr_source``,
+    ``lr_search`` and ``early_stopping`` are in the result.
+    """
+    if method == "features":
+        return _features_run(prepared, seed, run_dir)
+    recipe, lr_source = with_defaults(prepared.recipe.for_method(method), prepared.task.TASK_KIND)
     run_dir.mkdir(parents=True)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     try:
-        logger.info("run %s seed %d → %s", method, seed, run_dir)
+        logger.info("run %s seed %d (lr %s, %s) → %s", method, seed, recipe.lr, lr_source, run_dir)
         started = time.perf_counter()
+        lr_search = None
+        if recipe.lr == "auto":
+            lr_search = choose_lr(prepared, method, recipe, seed, run_dir / "lr_search", progress)
+            recipe = dataclasses.replace(recipe, lr=lr_search["chosen"])
+        train_examples, validation = prepared.train_examples, None
+        if recipe.early_stopping_patience is not None:
+            train_examples, validation = split_validation(train_examples, recipe.validation_fraction, seed,
+                                                          prepared.task.TASK_KIND, prepared.options)
         with PeakMemory() as memory:
-            set_seed(seed)  # the new task head starts from the same draw for every method
-            model = _load_model(prepared, recipe)
-            heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
-            init_started = time.perf_counter()
-            with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
-                model = apply_method(model, method, recipe, kind, heads)
-            init_seconds = time.perf_counter() - init_started
-            params = parameter_split(model, heads)
-            logger.info("%s: trainable %s", method, params)
-            dataset = prepared.task.build_train_dataset(prepared.train_examples, prepared.tokenizer,
-                                                        max_length=recipe.max_length, **prepared.options)
-            if kind == "generative":
-                collator = DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=-100, padding=True)
-            else:
-                collator = DataCollatorWithPadding(prepared.tokenizer)
-            if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-            trainer = Trainer(model=model, args=_training_arguments(recipe, seed, run_dir, progress),
-                              train_dataset=dataset, data_collator=collator)
-            train_started = time.perf_counter()
-            train_output = trainer.train()
-            train_seconds = time.perf_counter() - train_started
+            fitted = fit(prepared, method, recipe, seed, train_examples, validation, run_dir / "trainer", progress)
+            trainer = fitted.trainer
             eval_started = time.perf_counter()
             evaluation = evaluate_model(trainer.model, prepared, recipe, progress)
             eval_seconds = time.perf_counter() - eval_started
@@ -228,21 +195,58 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             "".join(f"{_json(p)}\n" for p in evaluation["predictions"]), encoding="utf-8")
         result = {
             "method": method, "seed": seed, "task": recipe.task, "model": recipe.model,
-            "metrics": evaluation["metrics"], "trainable_params": params,
-            "train_loss": train_output.training_loss, "steps": trainer.state.global_step,
-            "init_seconds": round(init_seconds, 3), "train_seconds": round(train_seconds, 2),
+            "metrics": evaluation["metrics"], "trainable_params": fitted.params,
+            "lr": recipe.lr, "lr_source": lr_source, "lr_search": lr_search, "epochs": recipe.epochs,
+            "early_stopping": _early_stopping(trainer, recipe, len(train_examples), validation),
+            "train_loss": fitted.training_loss, "steps": trainer.state.global_step,
+            "init_seconds": round(fitted.init_seconds, 3), "train_seconds": round(fitted.train_seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
             "peak_memory_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
             "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-            "saved": saved, "head_modules": heads, "quantize": recipe.quantize,
+            "saved": saved, "head_modules": fitted.heads, "quantize": recipe.quantize,
         }
         write_json(run_dir / "results.json", result)
         write_json(run_dir / "run.json", {**_run_info(prepared, recipe), "method": method, "seed": seed,
-                                          "saved": saved, "head_modules": heads})
+                                          "saved": saved, "head_modules": fitted.heads})
         return result
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+
+
+def _features_run(prepared: PreparedRun, seed: int, run_dir: Path) -> dict:
+    """The ``features`` reference (:func:`pica.recipes.features.fit_features`) into ``run_dir``."""
+    recipe = prepared.recipe.for_method("features")
+    run_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        fitted = fit_features(prepared, recipe, seed)
+    (run_dir / "predictions.jsonl").write_text("".join(f"{_json(p)}\n" for p in fitted["predictions"]),
+                                               encoding="utf-8")
+    result = {"method": "features", "seed": seed, "task": recipe.task, "model": recipe.model,
+              "metrics": fitted["metrics"], "trainable_params": fitted["trainable_params"],
+              "lr": None, "lr_source": None, "lr_search": None, "early_stopping": None,
+              "train_loss": None, "steps": 0, "init_seconds": 0.0,
+              "train_seconds": round(fitted["train_seconds"], 2), "eval_seconds": round(fitted["eval_seconds"], 2),
+              "wall_seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": round(memory.peak_mb, 1),
+              "memory_kind": memory.kind,
+              "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+              "saved": None, "head_modules": fitted["heads"]}
+    write_json(run_dir / "results.json", result)
+    return result
+
+
+def _early_stopping(trainer: Any, recipe: RecipeConfig, fit_examples: int,
+                    validation: Optional[list[dict]]) -> Optional[dict[str, Any]]:
+    """What early stopping did: the best epoch and its validation score, the epochs trained."""
+    if validation is None:
+        return None
+    state = trainer.state
+    key = f"eval_{trainer.args.metric_for_best_model}"
+    best = next((entry for entry in state.log_history if entry.get(key) == state.best_metric), {})
+    return {"patience": recipe.early_stopping_patience, "metric": trainer.args.metric_for_best_model,
+            "best_metric": state.best_metric, "best_step": best.get("step"), "best_epoch": best.get("epoch"),
+            "epochs_trained": state.epoch, "fit_examples": fit_examples, "validation_examples": len(validation)}
 
 
 def _json(entry: Any) -> str:
@@ -330,6 +334,9 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
             raise first_error
         summary = summarize(runs)
         table = format_table(summary, prepared.metric)
+        choices = format_choices(runs)
+        if choices:
+            table += "\n\nchosen on validation (split from the training data):\n" + choices
         if failed:
             table += "\n\nfailed: " + "; ".join(f"{f['method']} seed {f['seed']} ({f['error']})" for f in failed)
         if len(summary) > 1:

@@ -65,7 +65,7 @@ def check_before_training(recipe: RecipeConfig, task: Any, options: dict[str, An
         logger.info("pre-flight check of the methods skipped: cannot build %s without weights (%s)",
                     recipe.model, error)
         return
-    for method in recipe.methods:
+    for method in (m for m in recipe.methods if m != "features"):  # features applies no method
         method_recipe = recipe.for_method(method)
         model = copy.deepcopy(base)
         try:

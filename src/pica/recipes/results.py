@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["format_table", "plot_comparison", "plot_loss", "summarize", "write_json"]
+__all__ = ["format_choices", "format_table", "plot_comparison", "plot_loss", "summarize", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -39,6 +39,8 @@ def summarize(runs: Iterable[dict]) -> dict[str, dict]:
         summary[method] = {
             "seeds": [run["seed"] for run in group],
             "trainable_params": group[0]["trainable_params"],
+            "lr": sorted({run["lr"] for run in group if run.get("lr") is not None}),
+            "lr_source": sorted({run["lr_source"] for run in group if run.get("lr_source")}),
             "metrics": {name: _mean_sd([run["metrics"].get(name) for run in group]) for name in metrics},
             "train_seconds": _mean_sd([run["train_seconds"] for run in group]),
             "wall_seconds": _mean_sd([run["wall_seconds"] for run in group]),
@@ -55,18 +57,48 @@ def _value(stats: dict[str, float], digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
 
 
+def _lr_cell(entry: dict) -> str:
+    """``3e-03 (default)``; several values (``lr: auto`` chose per seed) joined by ``/``; ``-`` if none."""
+    if not entry.get("lr"):
+        return "-"
+    sources = entry.get("lr_source") or []
+    return "/".join(f"{value:.2g}" for value in entry["lr"]) + (f" ({', '.join(sources)})" if sources else "")
+
+
 def format_table(summary: dict[str, dict], metric: str) -> str:
-    """A plain-text table: method, trainable params (adapter + head), metric, train time, peak memory."""
-    header = ("method", "trainable params (adapter + head)", metric, "train s", "peak MiB")
+    """A plain-text table: method, trainable params (adapter + head), learning rate used (and where it
+    came from: recipe, default, auto), metric, train time, peak memory."""
+    header = ("method", "trainable params (adapter + head)", "lr", metric, "train s", "peak MiB")
     rows = []
     for method, entry in summary.items():
         params = entry["trainable_params"]
-        rows.append((method, f"{params['total']:,} ({params['adapter']:,} + {params['head']:,})",
+        rows.append((method, f"{params['total']:,} ({params['adapter']:,} + {params['head']:,})", _lr_cell(entry),
                      _value(entry["metrics"].get(metric, {"n": 0})), _value(entry["train_seconds"], 1),
                      f"{entry['peak_memory_mb']['mean']:.0f}"))
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in (header, *rows)]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_choices(runs: Iterable[dict]) -> str:
+    """One line per run that chose on validation: the ``lr: auto`` grid with each validation score
+    (the chosen one starred), and the epoch early stopping kept; empty if no run chose anything."""
+    lines = []
+    for run in runs:
+        parts = []
+        if run.get("lr_search"):
+            search = run["lr_search"]
+            grid = ", ".join(f"{lr}{'*' if float(lr) == search['chosen'] else ''} → {score:.4f}"
+                             for lr, score in search["validation"].items())
+            parts.append(f"lr auto on {search['validation_examples']} validation examples "
+                         f"({search['metric']}): {grid}")
+        if run.get("early_stopping"):
+            stop = run["early_stopping"]
+            parts.append(f"early stopping (patience {stop['patience']}): best epoch {stop['best_epoch']} "
+                         f"({stop['metric']} {stop['best_metric']:.4f}) of {stop['epochs_trained']:g} trained")
+        if parts:
+            lines.append(f"{run['method']} seed {run['seed']}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

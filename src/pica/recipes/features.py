@@ -1,0 +1,127 @@
+"""``--method features``: a frozen-feature reference for classification.
+
+The frozen base model embeds every example; the embedding is the input of the classification head
+(``classifier``/``score``), i.e. exactly what the ``probe``'s head sees (BERT: the ``[CLS]`` pooler
+output; decoder models, whose ``score`` head reads every position: the last attended token's hidden
+state, the position transformers reads the logits from). A scikit-learn ``LogisticRegression``
+(features standardised by ``StandardScaler``, L2 with ``C=1``, lbfgs) is fitted on the training
+embeddings and evaluated with the task's metrics. No gradient step, no learning rate; its trainable
+parameters are the regression's weights and intercepts (counted as head). Nothing is saved as a model
+(no pickle); predictions and results are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DataCollatorWithPadding, set_seed
+
+from .config import RecipeConfig, RecipeError
+from .methods import default_head_modules
+from .models import load_base_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_features", "fit_features", "pooled_features"]
+
+_HEAD_NAMES = ("classifier", "score")
+_USED = frozenset({"model", "gguf_file", "dtype", "head_modules", "max_length", "eval_batch_size"})
+"""The per_method keys ``features`` uses (it has no learning rate, schedule or adapter)."""
+
+
+def check_features(recipe: RecipeConfig, task: Any, options: dict[str, Any]) -> None:
+    """Refuse ``features`` where it has no meaning (a generative task, a regression problem) and
+    ``per_method.features`` keys it would ignore."""
+    if "features" not in recipe.methods:
+        return
+    unused = sorted(set(recipe.per_method.get("features", {})) - _USED)
+    if unused:
+        raise RecipeError(f"per_method.features: {unused} do not apply to features (it uses only {sorted(_USED)})")
+    if task.TASK_KIND != "classification" or options.get("problem") != "classification":
+        raise RecipeError("method features (logistic regression on frozen features) needs a classification task "
+                          f"(task {recipe.task!r}, problem {options.get('problem')!r})")
+
+
+def _head(model: nn.Module, heads: list[str]) -> nn.Module:
+    name = next((name for name in heads if name in _HEAD_NAMES), None)
+    if name is None:
+        raise ValueError(f"method features: none of the head modules {heads} is one of {list(_HEAD_NAMES)}")
+    return getattr(model, name)
+
+
+def pooled_features(model: nn.Module, head: nn.Module, dataset, collator, batch_size: int) -> np.ndarray:
+    """The input of ``head`` for every row of ``dataset``, in order: ``(rows, hidden)`` float32."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, inputs: tuple) -> None:
+        captured.append(inputs[0].detach())
+
+    rows = [dataset[i] for i in range(len(dataset))]
+    chunks = []
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = collator([{k: v for k, v in row.items() if k != "labels"} for row in rows[start:start + batch_size]])
+                captured.clear()
+                model(**batch)
+                hidden = captured[-1].float()  # (batch, hidden) or (batch, tokens, hidden)
+                if hidden.dim() == 3:
+                    mask = batch["attention_mask"]  # (batch, tokens); left or right padding
+                    last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+                    hidden = hidden[torch.arange(hidden.shape[0]), last]
+                chunks.append(hidden.cpu().numpy())
+    finally:
+        handle.remove()
+    return np.concatenate(chunks)
+
+
+def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, Any]:
+    """Embed the train and eval examples with the frozen model, fit the logistic regression, evaluate.
+
+    Returns:
+        ``{"metrics", "predictions", "trainable_params", "heads", "train_seconds", "eval_seconds"}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    task, options, tokenizer = prepared.task, prepared.options, prepared.tokenizer
+    set_seed(seed)
+    model = load_base_model(recipe.model, task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
+                            num_labels=options["num_labels"], problem=options["problem"],
+                            pad_token_id=tokenizer.pad_token_id).eval()
+    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, task.TASK_KIND)
+    head = _head(model, heads)
+    collator = DataCollatorWithPadding(tokenizer)
+
+    def embed(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        dataset = task.build_train_dataset(examples, tokenizer, max_length=recipe.max_length, **options)
+        return (pooled_features(model, head, dataset, collator, recipe.eval_batch_size),
+                np.asarray(dataset["labels"]))
+
+    started = time.perf_counter()
+    train_x, train_y = embed(prepared.train_examples)
+    regression = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    regression.fit(train_x, train_y)
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    eval_x, eval_y = embed(prepared.eval_examples)
+    # predict() returns the class values seen in training; an eval label unseen there is never predicted
+    predicted = regression.predict(eval_x)
+    metrics = task.compute_metrics(eval_y, predicted, "classification", options["num_labels"])
+    linear = regression[-1]
+    count = int(linear.coef_.size + linear.intercept_.size)
+    labels = options["labels"]
+    predictions = [{"text": e["text"], "text_pair": e["text_pair"], "target": e["label"], "prediction": labels[p],
+                    "correct": bool(labels[p] == e["label"])} for e, p in zip(prepared.eval_examples, predicted)]
+    logger.info("features: logistic regression on %d × %d frozen features, %s", *train_x.shape, metrics)
+    return {"metrics": metrics, "predictions": predictions, "heads": heads,
+            "trainable_params": {"adapter": 0, "head": count, "total": count,
+                                 "model_total": sum(p.numel() for p in model.parameters()) + count},
+            "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started}
