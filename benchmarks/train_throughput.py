@@ -84,7 +84,8 @@ PRESETS: dict[str, Shape] = {
     # Gemma-2B layer shapes; vocab reduced from 256,000 (which would add a fixed LM-head cost to every variant).
     "gemma2b": Shape(hidden=2048, intermediate=16384, heads=8, kv_heads=1, head_dim=256, layers=4, vocab=32768,
                      batch=8, seq=1024, rank=256, lora_ranks=[32, 256]),
-    # Fits the three precision settings in about 15 minutes on 2 AVX2 cores (bf16 matmuls are emulated there).
+    # fp32 at 3 rounds: ~2.5 min on 2 shared AVX2 cores; the bf16 settings there take far longer (bf16 matmuls ran
+    # 6x slower than fp32), so run them with smaller shapes on such a CPU (benchmarks/README.md).
     "cpu": Shape(hidden=1024, intermediate=4096, heads=4, kv_heads=1, head_dim=256, layers=2, vocab=4096,
                  batch=1, seq=256, rank=128, lora_ranks=[16]),
     "quick": Shape(hidden=64, intermediate=128, heads=2, kv_heads=1, head_dim=32, layers=1, vocab=128,
