@@ -69,6 +69,22 @@ def test_autocast_adapter_dtype_false_stores_m_in_the_model_dtype(dtype, tmp_pat
         assert torch.equal(u, _updates(kept)[name].float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_with_low_cpu_mem_usage_loads(dtype, tmp_path):
+    # M is on the meta device when peft casts it in PeftModel.__init__ (low_cpu_mem_usage=True); the cast
+    # must not read its values then (it raised "Tensor.item() cannot be called on meta tensors").
+    model = get_peft_model(make_llama().to(dtype), PiCaConfig(rank=4, init_weights=False),
+                           autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path)
+    inputs = example_inputs("llama")
+    loaded = PeftModel.from_pretrained(make_llama().to(dtype), tmp_path, autocast_adapter_dtype=False,
+                                       low_cpu_mem_usage=True)
+    assert {(u.dtype, u.device.type) for u in _updates(loaded).values()} == {(dtype, "cpu")}
+    assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
+    loaded.load_adapter(tmp_path, adapter_name="other", autocast_adapter_dtype=False, low_cpu_mem_usage=True)
+    assert {u.dtype for u in _updates(loaded).values()} == {dtype}
+
+
 def test_autocast_adapter_dtype_false_on_float32_keeps_float32_and_refuses_overflow(tmp_path):
     model = get_peft_model(make_llama(), PiCaConfig(rank=4), autocast_adapter_dtype=False)
     assert {u.dtype for u in _updates(model).values()} == {torch.float32}
