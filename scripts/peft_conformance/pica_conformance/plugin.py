@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import sys
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -161,6 +162,7 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = "not installed"
     found["python"] = platform.python_version()
+    found["python_executable"] = sys.executable
     return found
 
 

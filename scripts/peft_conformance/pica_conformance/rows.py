@@ -3,15 +3,17 @@
 Models (defined in peft's ``tests/test_custom_models.py``): ``MLP`` (``lin0`` 10→20, ``lin1`` 20→2),
 ``MLP_LayerNorm`` (the same with LayerNorms), ``EmbConv1D`` (an embedding and a transformers ``Conv1D``
 ``conv1d`` 5→1 before ``lin0`` 10→2) and ``Conv1d`` (an ``nn.Conv1d`` before ``lin0`` 9→2). PiCa adapts
-``nn.Linear`` and transformers ``Conv1D``; ``rank ≤ min(in, out)`` of every target. ``init_weights=False``
-(a small random ``M``) is peft's convention for rows whose adapter must change the output.
+``nn.Linear`` and transformers ``Conv1D``; ``rank ≤ min(in, out)`` of every target. As for peft's methods,
+``TEST_CASES`` rows keep the default init (``M = 0``, identity) and the tests that need an adapter that
+changes the output switch it off themselves (``set_init_weights_false``: ``init_weights=False``, a small
+random ``M``); the multi-adapter tables set ``init_weights=False`` in the rows, as peft's own rows do.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TABLES"]
+__all__ = ["tables_for"]
 
 
 def _custom_model_rows(config_cls: type) -> list[tuple[str, str, type, dict[str, Any]]]:
@@ -29,7 +31,7 @@ def _custom_model_rows(config_cls: type) -> list[tuple[str, str, type, dict[str,
         ("Embedding + transformers Conv1D 1 PiCa", "EmbConv1D", config_cls, {"target_modules": ["conv1d"], "rank": 1}),
         ("Conv1d + Linear 1 PiCa", "Conv1d", config_cls, {"target_modules": ["lin0"], "rank": 2}),
     ]
-    return [(name, model_id, cls, {**kwargs, "init_weights": False}) for name, model_id, cls, kwargs in rows]
+    return rows
 
 
 def _multiple_active_rows(config_cls: type) -> list[tuple[str, str, type, dict[str, Any], dict[str, Any]]]:
@@ -59,6 +61,3 @@ def tables_for(module_stem: str) -> tuple[dict[str, list[Any]], dict[str, list[A
         return ({"ALL_CONFIG_CLASSES": [(PiCaConfig, {})]},
                 {"LAYER_INDEXING_CONFIG_CLASSES": [(PiCaConfig, {})]})
     return {}, {}
-
-
-TABLES = ("test_custom_models", "test_config")
