@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import platform
 import sys
 from collections.abc import Mapping
@@ -154,12 +154,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def _versions() -> dict[str, str]:
-    names = ("peft", "pica", "torch", "transformers", "pytest")
+    """Versions of the imported packages (``__version__``: pica may run from a source tree on PYTHONPATH)."""
     found = {}
-    for name in names:
+    for name in ("peft", "pica", "torch", "transformers", "pytest"):
         try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+            found[name] = str(importlib.import_module(name).__version__)
+        except (ImportError, AttributeError):
             found[name] = "not installed"
     found["python"] = platform.python_version()
     found["python_executable"] = sys.executable
