@@ -69,6 +69,22 @@ def test_autocast_adapter_dtype_false_stores_m_in_the_model_dtype(dtype, tmp_pat
         assert torch.equal(u, _updates(kept)[name].float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_with_low_cpu_mem_usage_loads(dtype, tmp_path):
+    # M is on the meta device when peft casts it in PeftModel.__init__ (low_cpu_mem_usage=True); the cast
+    # must not read its values then (it raised "Tensor.item() cannot be called on meta tensors").
+    model = get_peft_model(make_llama().to(dtype), PiCaConfig(rank=4, init_weights=False),
+                           autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path)
+    inputs = example_inputs("llama")
+    loaded = PeftModel.from_pretrained(make_llama().to(dtype), tmp_path, autocast_adapter_dtype=False,
+                                       low_cpu_mem_usage=True)
+    assert {(u.dtype, u.device.type) for u in _updates(loaded).values()} == {(dtype, "cpu")}
+    assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
+    loaded.load_adapter(tmp_path, adapter_name="other", autocast_adapter_dtype=False, low_cpu_mem_usage=True)
+    assert {u.dtype for u in _updates(loaded).values()} == {dtype}
+
+
 def test_autocast_adapter_dtype_false_on_float32_keeps_float32_and_refuses_overflow(tmp_path):
     model = get_peft_model(make_llama(), PiCaConfig(rank=4), autocast_adapter_dtype=False)
     assert {u.dtype for u in _updates(model).values()} == {torch.float32}
@@ -78,3 +94,23 @@ def test_autocast_adapter_dtype_false_on_float32_keeps_float32_and_refuses_overf
     big.save_pretrained(tmp_path)
     with pytest.raises((ValueError, AdapterFileError), match="not finite in torch.float16"):
         PeftModel.from_pretrained(make_llama().to(torch.float16), tmp_path, autocast_adapter_dtype=False)
+
+
+def test_from_pretrained_takes_torch_device_and_a_device_map_that_names_where_the_model_is(tmp_path):
+    # peft's from_pretrained passes torch_device on to load_adapter, which honours it; it was refused as
+    # unknown. A device_map naming the one device an undispatched model is on changes nothing and is taken;
+    # one asking for a dispatch ("auto") or another device is still refused (peft would ignore it).
+    torch.manual_seed(0)
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4, init_weights=False))
+    model.save_pretrained(tmp_path)
+    inputs = example_inputs("llama")
+    expected = model_output(model, inputs)
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path, torch_device="cpu")
+    assert torch.equal(model_output(loaded, inputs), expected)
+    loaded.load_adapter(tmp_path, adapter_name="other", torch_device="cpu")
+    for device_map in ({"": "cpu"}, "cpu", torch.device("cpu")):
+        loaded = PeftModel.from_pretrained(make_llama(), tmp_path, device_map=device_map)
+        assert torch.equal(model_output(loaded, inputs), expected)
+    for device_map in ("auto", {"": "meta"}, {"model.embed_tokens": "cpu"}):
+        with pytest.raises(ValueError, match=r"\['device_map'\] apply only to a model dispatched"):
+            PeftModel.from_pretrained(make_llama(), tmp_path, device_map=device_map)

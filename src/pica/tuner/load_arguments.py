@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import hf_hub_download
+import torch
 from torch import nn
 
 from .config import PiCaConfig
@@ -30,6 +31,9 @@ _UNSUPPORTED = {  # argument -> (the one value PiCa supports, why no other)
     "use_safetensors": (True, "PiCa adapters are read from adapter_model.safetensors only"),
 }
 _OFFLOAD = ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index")  # used by peft's load_adapter
+_FORWARDED = frozenset({"torch_device"})
+"""Arguments ``from_pretrained`` passes on (``**kwargs``) to ``load_adapter``, which declares and honours them
+(``torch_device``: the validated tensors are moved there, :func:`pica.tuner.loading.validated_weights`)."""
 _DESCRIPTIVE = frozenset({"inference_mode", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"})
 """Config fields that do not change what an adapter's tensors mean (peft fills some in when saving)."""
 _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(PiCaConfig)) | {"store_projector"}
@@ -42,6 +46,29 @@ def call_arguments(function: Callable, *args: Any, **kwargs: Any) -> dict[str, A
     values = dict(bound.arguments)
     values.update(values.pop("kwargs", None) or {})
     return values
+
+
+def _names_where_model_is(device_map: Any, model: nn.Module) -> bool:
+    """True if ``device_map`` puts the whole model on one device (``"cpu"``, ``torch.device``, ``{"": d}``)
+    and every parameter and buffer of an undispatched model is already there."""
+    if getattr(model, "hf_device_map", None) is not None:
+        return False
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            return False
+        device_map = device_map[""]
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):  # "auto", "balanced", ...: a dispatch request, not a place
+        return False
+    tensors = [*model.parameters(), *model.buffers()]
+
+    def same(other: torch.device) -> bool:
+        return other.type == device.type and (device.index is None or other.index == device.index)
+
+    return bool(tensors) and all(same(tensor.device) for tensor in tensors)
 
 
 def check_load_arguments(original: Callable, values: dict[str, Any], model: nn.Module, path: Path,
@@ -70,7 +97,7 @@ def check_load_arguments(original: Callable, values: dict[str, Any], model: nn.M
         raise ValueError(f"{where}: key_mapping is not supported (PiCa file keys are fixed)")
     if values.get("revision") is not None:
         raise ValueError(f"{where}: revision={values['revision']!r} applies to Hub repositories; {path} is local")
-    declared = set(inspect.signature(original).parameters)
+    declared = set(inspect.signature(original).parameters) | _FORWARDED
     extra = sorted(set(values) - declared - set(_UNSUPPORTED))
     hub = set(inspect.signature(hf_hub_download).parameters) | {"use_auth_token"}
     fields = [name for name in extra if name in _CONFIG_FIELDS and name not in hub]
@@ -81,6 +108,8 @@ def check_load_arguments(original: Callable, values: dict[str, Any], model: nn.M
     if unknown:
         raise TypeError(f"{where}: unexpected keyword argument(s) {unknown} (peft would ignore them)")
     offload = [name for name in extra if name in _OFFLOAD]
+    if offload == ["device_map"] and _names_where_model_is(values["device_map"], model):
+        offload = []  # e.g. device_map={"": "cpu"} for a model on the CPU: true as it stands, nothing to do
     if offload and getattr(model, "hf_device_map", None) is None:
         raise ValueError(f"{where}: {offload} apply only to a model dispatched with a device_map (peft would ignore them)")
     if not hasattr(model, "peft_config"):

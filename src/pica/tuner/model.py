@@ -180,7 +180,9 @@ class PiCaModel(BaseTuner):
         for key, update in self._updates()[adapter_name].items():
             if key in dtypes:
                 cast = update.data.to(dtypes[key])
-                if not torch.isfinite(cast).all():
+                # low_cpu_mem_usage=True: M is still on the meta device here; peft calls this again after
+                # the load, when the values exist and are checked.
+                if cast.device.type != "meta" and not torch.isfinite(cast).all():
                     raise ValueError(f"PiCa adapter '{adapter_name}': M of group '{key}' does not fit in "
                                      f"{dtypes[key]} (autocast_adapter_dtype=False); keep the default True")
                 update.data = cast

@@ -1,0 +1,191 @@
+"""The pytest plugin of the conformance run: ``python -m pytest -p pica_conformance.plugin ...``.
+
+1. Imports pica (which registers PiCa with peft) and checks that the installed peft is the version whose
+   test suite is being run (``--pica-peft-version``).
+2. When a peft test module named in :mod:`.rows` is collected, extends its tables with the PiCa rows
+   (:func:`.tables.extend_tables`; the downloaded files are not edited).
+3. Keeps only PiCa items (an item whose parameters hold ``PiCaConfig`` or a ``PiCaConfig`` instance);
+   the others are deselected and counted per file as ``not_pica``. Applies :mod:`.expectations`.
+4. Records every outcome and writes the JSON summary (``--pica-summary``); the run fails if any PiCa item
+   failed or an expectation matched nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import pytest
+
+from . import expectations as expectations_module
+from .rows import tables_for
+from .summary import Summary
+from .tables import TableError, extend_tables
+
+_SUMMARY_KEY = pytest.StashKey[Summary]()
+_OUTCOMES_KEY = pytest.StashKey[dict]()
+_CONFIG: dict[str, pytest.Config] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pica-conformance")
+    group.addoption("--pica-summary", default=None, help="write the JSON summary here")
+    group.addoption("--pica-command", default="", help="the command line recorded in the summary")
+    group.addoption("--pica-peft-version", default=None, help="peft version of the downloaded test suite")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import peft
+    import pica
+
+    expected_version = config.getoption("--pica-peft-version")
+    if expected_version is not None and peft.__version__ != expected_version:
+        raise pytest.UsageError(f"installed peft is {peft.__version__}, the test suite is peft {expected_version}")
+    assert pica.PiCaConfig is not None  # registers PiCa with peft
+    config.stash[_SUMMARY_KEY] = Summary()
+    config.stash[_OUTCOMES_KEY] = {}
+    _CONFIG["config"] = config  # pytest_runtest_logreport gets no config argument
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    if isinstance(collector, pytest.Module):
+        required, derived = tables_for(collector.path.stem)
+        if required or derived:
+            try:
+                module = collector.obj  # imports the module (cached; collect() reuses it)
+            except Exception:  # noqa: BLE001 - the import error is reported by collect() itself
+                module = None
+            if module is not None:
+                try:
+                    extend_tables(module, required, derived)
+                except TableError as error:
+                    raise pytest.UsageError(f"cannot add the PiCa rows: {error}") from error
+    return (yield)
+
+
+def is_pica_item(params: Mapping[str, Any]) -> bool:
+    """True if the item's parameters hold the PiCa config class or a PiCa config."""
+    from pica import PiCaConfig
+
+    return any(value is PiCaConfig or isinstance(value, PiCaConfig) for value in params.values())
+
+
+def _params(item: pytest.Item) -> dict[str, Any]:
+    callspec = getattr(item, "callspec", None)
+    return dict(callspec.params) if callspec is not None else {}
+
+
+def _test_name(item: pytest.Item) -> str:
+    return getattr(item, "originalname", None) or item.name.split("[")[0]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    summary = config.stash[_SUMMARY_KEY]
+    entries = expectations_module.EXPECTATIONS
+    used: set[int] = set()
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        file = item.path.stem
+        params = _params(item)
+        if not is_pica_item(params):
+            summary.not_pica[file] += 1
+            dropped.append(item)
+            continue
+        entry = expectations_module.match(file, _test_name(item), params, entries)
+        if entry is not None:
+            used.add(entries.index(entry))
+            if entry.category == expectations_module.ENVIRONMENT:
+                summary.deselect(file, item.nodeid, entry.category, entry.reason)
+                dropped.append(item)
+                continue
+            item.add_marker(pytest.mark.xfail(strict=True, reason=f"[{entry.category}] {entry.reason}"))
+        kept.append(item)
+    summary.unused_expectations = [
+        {"file": entry.file, "test": entry.test, "rows": ", ".join(entry.rows), "reason": entry.reason}
+        for index, entry in enumerate(entries) if index not in used
+    ]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
+def _one_line(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # a skip: (path, line, message)
+        text = str(longrepr[2])
+    else:
+        crash = getattr(longrepr, "reprcrash", None)
+        text = crash.message if crash is not None else str(longrepr)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _outcome(report: pytest.TestReport) -> Optional[tuple[str, str]]:
+    if hasattr(report, "wasxfail"):
+        return ("xfailed", str(report.wasxfail)) if report.skipped else None
+    if report.failed:
+        text = str(report.longrepr)
+        if text.startswith("[XPASS(strict)]"):
+            return "xpassed_strict", "passed but is listed as expected to fail: " + text
+        return ("failed" if report.when == "call" else "error"), _one_line(report)
+    if report.skipped:
+        return "skipped", _one_line(report)
+    return None
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = _CONFIG.get("config")
+    if config is None:
+        return
+    pending = config.stash[_OUTCOMES_KEY]
+    outcome = _outcome(report)
+    if outcome is not None and report.nodeid not in pending:
+        pending[report.nodeid] = outcome
+    if report.when == "teardown":
+        kind, reason = pending.pop(report.nodeid, ("passed", ""))
+        file = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        config.stash[_SUMMARY_KEY].record(file, report.nodeid, kind, reason)
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the imported packages (``__version__``: pica may run from a source tree on PYTHONPATH)."""
+    found = {}
+    for name in ("peft", "pica", "torch", "transformers", "pytest"):
+        try:
+            found[name] = str(importlib.import_module(name).__version__)
+        except (ImportError, AttributeError):
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    found["python_executable"] = sys.executable
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    summary = config.stash[_SUMMARY_KEY]
+    path = config.getoption("--pica-summary")
+    if path:
+        summary.write(path, config.getoption("--pica-command"), _versions())
+    if not summary.ok and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    summary = config.stash[_SUMMARY_KEY]
+    write = terminalreporter.write_line
+    terminalreporter.section("PiCa conformance")
+    data = summary.to_json("", {})
+    for file, row in data["per_file"].items():
+        write(f"{file}: " + ", ".join(f"{key} {value}" for key, value in row.items() if value))
+    for entry in data["failures"]:
+        write(f"FAILED {entry['test']}: {entry['reason']}")
+    for reason, count in data["expected_failures_by_reason"].items():
+        write(f"expected ({count}): {reason}")
+    for entry in summary.unused_expectations:
+        write(f"UNUSED expectation {entry['file']}::{entry['test']} ({entry['rows']}): {entry['reason']}")
