@@ -70,7 +70,7 @@ def test_expectations_match_by_file_test_and_row_and_every_one_has_a_reason():
     assert expectations.match("f", "test_x", {"test_name": "row A"}, (entry,)) is entry
     assert expectations.match("f", "test_x", {"test_name": "row B"}, (entry,)) is None
     assert expectations.match("g", "test_x", {"test_name": "row A"}, (entry,)) is None
-    categories = {expectations.DESIGN, expectations.MIXED_BATCHES, expectations.ENVIRONMENT}
+    categories = {expectations.DESIGN, expectations.ENVIRONMENT}
     assert all(e.reason and e.category in categories for e in expectations.EXPECTATIONS)
 
 

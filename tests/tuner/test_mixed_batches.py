@@ -91,7 +91,7 @@ def test_mixed_batches_are_refused_where_peft_refuses_them():
     input_ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"do not exist: \['nope'\]"):
         model(input_ids=input_ids, adapter_names=["default", "nope"])
-    with pytest.raises(ValueError, match="2 rows"):
+    with pytest.raises(ValueError, match="should be the same as the number of inputs, but got 1 and 2"):
         model(input_ids=input_ids, adapter_names=["default"])
     model.train()
     with pytest.raises(ValueError, match="training mode"):

@@ -2,8 +2,6 @@
 
 * ``DESIGN``: the test cannot apply to PiCa by design; it runs, and is marked ``xfail(strict=True)``, so
   a test that starts passing fails the run and the entry must be removed.
-* ``MIXED_BATCHES``: mixed-adapter batches (``adapter_names=`` in forward) are refused by pica with a
-  clear error for now; same treatment.
 * ``ENVIRONMENT``: cannot run here (no model hub, no GPU): deselected, listed in the summary with the
   reason, and never counted as a pass.
 
@@ -18,10 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["DESIGN", "ENVIRONMENT", "EXPECTATIONS", "Expectation", "MIXED_BATCHES", "match"]
+__all__ = ["DESIGN", "ENVIRONMENT", "EXPECTATIONS", "Expectation", "match"]
 
 DESIGN = "design"
-MIXED_BATCHES = "mixed_batches"
 ENVIRONMENT = "environment"
 
 
@@ -31,7 +28,7 @@ class Expectation:
 
     file: str  # peft test module stem, e.g. "test_custom_models"
     test: str  # test function name (without the parameter id)
-    category: str  # DESIGN, MIXED_BATCHES or ENVIRONMENT
+    category: str  # DESIGN or ENVIRONMENT
     reason: str
     rows: tuple[str, ...] = ()  # row test_names it applies to; empty: every PiCa row of that test
     when: Optional[Callable[[Mapping[str, Any]], bool]] = None  # further condition on the item's params
@@ -53,8 +50,6 @@ _OTHER_BASE = ("the test builds the base model twice without a seed, so the adap
 _UNKNOWN_KEYS = ("PiCa refuses unknown adapter_config.json keys (TypeError naming them, README guarantee) instead "
                  "of peft's forward-compatibility filter that warns and drops them: a newer PiCa adapter must not "
                  "load with a silently different meaning")
-_MIXED = ("mixed-adapter batches (adapter_names= in forward) are not implemented yet; PiCa refuses the argument "
-          "with its own ValueError (never ignores it), so peft's checks and messages for the feature do not apply")
 _HUB = "needs the Hugging Face Hub (peft-internal-testing/tiny-opt-lora-revision); the run is offline"
 
 EXPECTATIONS: tuple[Expectation, ...] = (
@@ -66,10 +61,6 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     Expectation(_CONFIG, "test_from_pretrained_sanity_check", DESIGN,
                 _UNKNOWN_KEYS + "; the same TypeError, but it names the unknown keys rather than the missing "
                 "peft_type peft's message (matched by the test) names"),
-    Expectation(_CUSTOM, "test_mixed_adapter_batches_mlp", MIXED_BATCHES, _MIXED),
-    Expectation(_CUSTOM, "test_mixed_adapter_batches_length_mismatch_raises", MIXED_BATCHES, _MIXED),
-    Expectation(_CUSTOM, "test_mixed_adapter_batches_training_mode_raises", MIXED_BATCHES, _MIXED),
-    Expectation(_CUSTOM, "test_mixed_adapter_batches_merged_raises", MIXED_BATCHES, _MIXED),
     Expectation(_CONFIG, "test_from_pretrained", ENVIRONMENT, _HUB),
     Expectation(_CONFIG, "test_from_pretrained_cache_dir", ENVIRONMENT, _HUB),
     Expectation(_CONFIG, "test_save_pretrained_with_runtime_config", ENVIRONMENT, _HUB),

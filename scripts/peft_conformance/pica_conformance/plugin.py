@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import importlib
 import platform
 import sys
@@ -149,7 +151,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         pending[report.nodeid] = outcome
     if report.when == "teardown":
         kind, reason = pending.pop(report.nodeid, ("passed", ""))
-        file = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        file = Path(str(report.fspath or report.location[0])).stem  # the nodeid's path part can be empty
+
         config.stash[_SUMMARY_KEY].record(file, report.nodeid, kind, reason)
 
 

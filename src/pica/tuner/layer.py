@@ -282,9 +282,11 @@ class Linear(nn.Module, PiCaLayer):
             ValueError: ``adapter_names`` does not have one name per row, or an adapter is merged.
         """
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {x.shape[0]} respectively. (peft's wording: one name per row)")
         if self.merged:
-            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                             "first.")
         result = self.base_layer(x, *args, **kwargs)
         for name in dict.fromkeys(adapter_names):  # each adapter once, in order of first use
             if name not in self.pica_P:

@@ -207,10 +207,12 @@ class PiCaModel(BaseTuner):
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise ValueError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
         if self.training:
-            raise ValueError("Cannot pass adapter_names in training mode (mixed-adapter batches are for inference)")
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode. (peft's wording; "
+                             "mixed-adapter batches are for inference: call model.eval())")
         merged = merged_adapter_names(self.model)
         if merged:
-            raise ValueError(f"Cannot pass adapter_names while {merged} are merged; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                             f"first. (merged: {merged})")
         unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config))
         if unknown:
             raise ValueError(f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
@@ -225,7 +227,8 @@ class PiCaModel(BaseTuner):
 
         handles = [module.register_forward_pre_hook(functools.partial(_with_adapter_names, names=per_row),
                                                     with_kwargs=True) for module in receivers(self.model)]
-        encoder = self.model.get_encoder() if getattr(self.model.config, "is_encoder_decoder", False) else None
+        config = getattr(self.model, "config", None)  # custom models have none
+        encoder = self.model.get_encoder() if getattr(config, "is_encoder_decoder", False) else None
         if encoder is not None and per_row != list(adapter_names):  # registered later: runs last, wins
             handles += [module.register_forward_pre_hook(functools.partial(_with_adapter_names,
                                                                            names=list(adapter_names)), with_kwargs=True)
