@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import pica.io as pio
+from pica.io import staging as io_staging
 from pica.io import AdapterFileError, atomic_directory, atomic_directory_update, reading_directory
 
 
@@ -171,7 +171,7 @@ def _dead_pid() -> int:
 
 def _leftover(directory: Path, name: str, state: str, pid: int, files: dict[str, str]) -> Path:
     prefix = f".{name}." if name else "."
-    path = directory / f"{prefix}pica-{state}-{pid}-0123abcd@{pio._host()}"
+    path = directory / f"{prefix}pica-{state}-{pid}-0123abcd@{io_staging._host()}"
     path.mkdir()
     for relative, text in files.items():
         (path / relative).parent.mkdir(parents=True, exist_ok=True)
