@@ -8,7 +8,6 @@ from pica.cli import build_parser
 from pica.recipes.config import METHODS, RecipeConfig, RecipeError
 from pica.recipes.defaults import DEFAULT_EPOCHS, DEFAULT_LR, LR_SOURCES, default_lr, lr_grid, with_defaults
 from pica.recipes.harness import prepare, run_experiment
-from tests.harness_fixtures import save_tiny_bert, sentiment_rows, write_jsonl
 
 
 def test_every_trained_method_has_a_default_and_a_source():
@@ -65,14 +64,6 @@ def test_lr_flags_parse_a_number_auto_and_a_grid():
     assert (args.lr, args.lr_grid) == ("auto", [1e-4, 3e-4, 1e-3])
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--lr", "fast"])
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return {"model": str(save_tiny_bert(root / "bert")),
-            "train": str(write_jsonl(root / "train.jsonl", sentiment_rows(40))),
-            "eval": str(write_jsonl(root / "eval.jsonl", sentiment_rows(12, seed=1)))}
 
 
 def test_the_lr_used_is_in_the_table_results_and_each_run(data, tmp_path):

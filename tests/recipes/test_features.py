@@ -11,15 +11,6 @@ from pica.recipes.config import RecipeConfig, RecipeError
 from pica.recipes.features import pooled_features
 from pica.recipes.harness import prepare, run_experiment
 from pica.recipes.tasks import classify
-from tests.harness_fixtures import save_tiny_bert, sentiment_rows, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return {"model": str(save_tiny_bert(root / "bert")),
-            "train": str(write_jsonl(root / "train.jsonl", sentiment_rows(40))),
-            "eval": str(write_jsonl(root / "eval.jsonl", sentiment_rows(12, seed=1)))}
 
 
 def _recipe(data, tmp_path, **overrides):

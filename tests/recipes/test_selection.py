@@ -7,7 +7,7 @@ import pytest
 from pica.recipes.config import RecipeConfig, RecipeError
 from pica.recipes.harness import prepare, run_experiment
 from pica.recipes.selection import split_validation
-from tests.harness_fixtures import save_tiny_bert, sentiment_rows, write_jsonl
+from tests.harness_fixtures import write_jsonl
 
 OPTIONS = {"problem": "classification", "labels": [0, 1], "num_labels": 2}
 
@@ -32,14 +32,6 @@ def test_split_too_small_to_stratify_is_refused_naming_the_key():
     with pytest.raises(RecipeError, match=r"validation_fraction 0.1: cannot carve a stratified validation split "
                                           r"from 10 training examples, 2 classes, smallest with 1 example"):
         split_validation(_rows([0] * 9 + [1]), 0.1, 0, "classification", OPTIONS)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return {"model": str(save_tiny_bert(root / "bert")),
-            "train": str(write_jsonl(root / "train.jsonl", sentiment_rows(40))),
-            "eval": str(write_jsonl(root / "eval.jsonl", sentiment_rows(12, seed=1)))}
 
 
 def _recipe(data, tmp_path, **overrides):
