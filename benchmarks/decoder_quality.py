@@ -51,8 +51,6 @@ from pica.grouping import group_of  # noqa: E402
 logger = logging.getLogger("decoder_quality")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LR = 1e-3
-"""The paper's PiCa learning rate; the default peak LR of every variant."""
 
 
 def smollm2_gguf() -> Path:
@@ -96,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--pica-rank", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=8, help="the fixed-rank LoRA baseline")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak LR for every variant (the paper's PiCa LR)")
+    parser.add_argument("--lr", type=float, default=None, help="peak LR of every variant (default: each method's "
+                        "default learning rate, pica.recipes.defaults: PiCa 3e-3, LoRA 1e-3)")
     parser.add_argument("--lora-lr", type=float, help="peak LR of the LoRA variants (default: --lr)")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         help="run only these variants (pica_r<k>, lora_r<k>; e.g. a LoRA LR check)")
@@ -124,12 +123,13 @@ def _fmt(stats: dict, digits: int) -> str:
 
 
 def markdown_table(rows: list[dict], generated: int) -> str:
-    lines = ["| variant | trainable params | ratio to PiCa | eval loss (answer tokens) | exact match "
-             f"({generated} generated) | train s | eval s | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | trainable params | ratio to PiCa | lr | eval loss (answer tokens) | exact match "
+             f"({generated} generated) | train s | eval s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     pica_params = next((r["trainable_params"] for r in rows if r["method"] == "pica"), None)
     for row in rows:
         ratio = f"{row['trainable_params'] / pica_params:.2f}×" if pica_params and row["trainable_params"] else "–"
-        lines.append(f"| {row['variant']} | {row['trainable_params']:,} | {ratio} | {_fmt(row['eval_loss'], 4)} | "
+        lr = f"{row['lr']:g}" if row.get("lr") is not None else "–"
+        lines.append(f"| {row['variant']} | {row['trainable_params']:,} | {ratio} | {lr} | {_fmt(row['eval_loss'], 4)} | "
                      f"{_fmt(row['exact_match'], 3)} | {_fmt(row['train_seconds'], 0)} | "
                      f"{_fmt(row['eval_seconds'], 0)} | {_fmt(row['wall_seconds'], 0)} |")
     return "\n".join(lines)
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         if lora_lr:
             variants = [(f"{label} lr={args.lora_lr:g}" if method == "lora" else label, method, overrides)
                         for label, method, overrides in variants]
-        if args.lr != DEFAULT_LR:
+        if args.lr is not None:
             variants = [(f"{label} lr={args.lr:g}" if method == "pica" or not lora_lr else label, method, overrides)
                         for label, method, overrides in variants]
         logger.info("variants %s", [v[0] for v in variants])
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                          "eval_loss": _mean_sd([r["metrics"]["eval_loss"] for r in group]),
                          "exact_match": _mean_sd([r["metrics"]["accuracy"] for r in group]),
                          "train_loss": _mean_sd([r["train_loss"] for r in group]),
-                         "steps": group[0]["steps"],
+                         "steps": group[0]["steps"], "lr": group[0]["lr"], "lr_source": group[0]["lr_source"],
                          "train_seconds": _mean_sd([r["train_seconds"] for r in group]),
                          "eval_seconds": _mean_sd([r["eval_seconds"] for r in group]),
                          "wall_seconds": _mean_sd([r["wall_seconds"] for r in group])})
@@ -236,8 +236,8 @@ def main(argv=None) -> int:
             "matched_lora_rank": matched_rank, "rows": rows, "table_markdown": table,
             "base_metrics": base_eval["metrics"] if base_eval is not None else None,
             "runs": [{k: run[k] for k in ("variant", "method", "seed", "metrics", "trainable_params", "train_loss",
-                                          "steps", "init_seconds", "train_seconds", "eval_seconds", "wall_seconds",
-                                          "peak_memory_mb")} for run in runs],
+                                          "steps", "lr", "lr_source", "init_seconds", "train_seconds", "eval_seconds",
+                                          "wall_seconds", "peak_memory_mb")} for run in runs],
             "gguf_dequantize_seconds": round(convert_seconds, 1), "total_seconds": round(total_seconds, 1),
             "machine": info,
         }

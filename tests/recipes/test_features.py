@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from pica.recipes.config import RecipeConfig, RecipeError
-from pica.recipes.features import pooled_features
+from pica.recipes.features import C_GRID, pooled_features
 from pica.recipes.harness import prepare, run_experiment
 from pica.recipes.tasks import classify
 
@@ -45,6 +45,20 @@ def test_features_runs_next_to_the_probe_with_its_parameter_count(data, tmp_path
     assert run["metrics"]["accuracy"] == pytest.approx(np.mean([p["correct"] for p in predictions]))
     row = next(line for line in results["table"].splitlines() if line.startswith("features"))
     assert "33 (0 + 33)" in row and " - " in row
+    assert run["regularization"]["C"] in C_GRID and run["regularization"]["cv_folds"] >= 2
+
+
+def test_features_regularization_is_chosen_by_cross_validation_on_training_rows_only(data, tmp_path, monkeypatch):
+    """The C grid is searched with the training rows; the eval rows never reach the fit."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    fitted_rows = []
+    real_fit = LogisticRegressionCV.fit
+    monkeypatch.setattr(LogisticRegressionCV, "fit", lambda self, x, y, **k: fitted_rows.append(len(x))
+                        or real_fit(self, x, y, **k))
+    prepared = prepare(_recipe(data, tmp_path, methods=["features"]))
+    run_experiment(prepared, progress=False)
+    assert fitted_rows == [len(prepared.train_examples)]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,5 +1,6 @@
 """Peak memory, the projector progress bar, mean ± sd summaries, tables and plots."""
 
+import json
 import logging
 
 import peft
@@ -73,3 +74,27 @@ def test_summary_table_and_plots(tmp_path):
     assert not plot_loss([{"train_runtime": 1}], tmp_path / "none.png", "t") and not (tmp_path / "none.png").exists()
     write_json(tmp_path / "r.json", summary)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_json_concurrent_writers_of_one_path_never_collide(tmp_path):
+    """Two processes sharing a results directory write the same file: each write is whole, none fails."""
+    import threading
+
+    path = tmp_path / "settings.json"
+    errors: list[BaseException] = []
+
+    def writer(value: int) -> None:
+        try:
+            for _ in range(200):
+                write_json(path, {"writer": value, "padding": "x" * 4096})
+        except BaseException as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(value,)) for value in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert json.loads(path.read_text(encoding="utf-8"))["writer"] in range(4)
+    assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # no temporary file left behind

@@ -27,7 +27,8 @@ def _args(data, out, *extra: str) -> list[str]:
             "--max-length", "16", "--output-dir", str(out), *extra]
 
 
-@pytest.mark.parametrize("quantize, method", [("4bit", "pica"), ("4bit", "lora"), ("8bit", "pica")])
+@pytest.mark.parametrize("quantize, method", [("4bit", "pica"), ("4bit", "lora"), ("4bit", "dora"), ("4bit", "vera"),
+                                             ("8bit", "pica"), ("8bit", "lora")])
 def test_adapter_methods_train_on_a_quantised_base_and_record_it(data, tmp_path, quantize, method):
     out = tmp_path / "out"
     assert main(_args(data, out, "--quantize", quantize, "--method", method)) == 0

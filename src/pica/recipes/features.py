@@ -3,9 +3,11 @@
 The frozen base model embeds every example; the embedding is the input of the classification head
 (``classifier``/``score``), i.e. exactly what the ``probe``'s head sees (BERT: the ``[CLS]`` pooler
 output; decoder models, whose ``score`` head reads every position: the last attended token's hidden
-state, the position transformers reads the logits from). A scikit-learn ``LogisticRegression``
-(features standardised by ``StandardScaler``, L2 with ``C=1``, lbfgs) is fitted on the training
-embeddings and evaluated with the task's metrics. No gradient step, no learning rate; its trainable
+state, the position transformers reads the logits from). A scikit-learn ``LogisticRegressionCV``
+(features standardised by ``StandardScaler``, L2, lbfgs) is fitted on the training embeddings, its
+regularisation ``C`` chosen among :data:`C_GRID` by stratified 5-fold cross-validation accuracy on the
+training rows only (fewer folds if a class has fewer rows; ``C=1`` when a class has one row), and
+evaluated with the task's metrics. No gradient step, no learning rate; its trainable
 parameters are the regression's weights and intercepts (counted as head). Nothing is saved as a model
 (no pickle); predictions and results are.
 """
@@ -27,7 +29,10 @@ from .models import load_base_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_features", "fit_features", "pooled_features"]
+__all__ = ["C_GRID", "check_features", "fit_features", "pooled_features"]
+
+C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 11))
+"""Inverse regularisation strengths the cross-validation chooses from (1e-3 … 1e2, ×√10 apart)."""
 
 _HEAD_NAMES = ("classifier", "score")
 _USED = frozenset({"model", "gguf_file", "dtype", "head_modules", "max_length", "eval_batch_size"})
@@ -85,9 +90,11 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     """Embed the train and eval examples with the frozen model, fit the logistic regression, evaluate.
 
     Returns:
-        ``{"metrics", "predictions", "trainable_params", "heads", "train_seconds", "eval_seconds"}``.
+        ``{"metrics", "predictions", "trainable_params", "heads", "regularization_c", "cv_folds",
+        "train_seconds", "eval_seconds"}``.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -107,8 +114,16 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
 
     started = time.perf_counter()
     train_x, train_y = embed(prepared.train_examples)
-    regression = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    folds = min(5, int(np.unique(train_y, return_counts=True)[1].min()))
+    if folds >= 2:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        linear = LogisticRegressionCV(Cs=list(C_GRID), cv=splitter, scoring="accuracy", max_iter=2000,
+                                      random_state=seed)
+    else:  # a class with one training row: nothing to cross-validate on
+        linear = LogisticRegression(max_iter=2000, random_state=seed)
+    regression = make_pipeline(StandardScaler(), linear)
     regression.fit(train_x, train_y)
+    chosen_c = float(np.ravel(linear.C_)[0]) if folds >= 2 else 1.0
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     eval_x, eval_y = embed(prepared.eval_examples)
@@ -120,8 +135,10 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     labels = options["labels"]
     predictions = [{"text": e["text"], "text_pair": e["text_pair"], "target": e["label"], "prediction": labels[p],
                     "correct": bool(labels[p] == e["label"])} for e, p in zip(prepared.eval_examples, predicted)]
-    logger.info("features: logistic regression on %d × %d frozen features, %s", *train_x.shape, metrics)
-    return {"metrics": metrics, "predictions": predictions, "heads": heads,
+    logger.info("features: logistic regression (C=%g by %d-fold CV) on %d × %d frozen features, %s", chosen_c,
+                folds, *train_x.shape, metrics)
+    return {"metrics": metrics, "predictions": predictions, "heads": heads, "regularization_c": chosen_c,
+            "cv_folds": folds if folds >= 2 else 0,
             "trainable_params": {"adapter": 0, "head": count, "total": count,
                                  "model_total": sum(p.numel() for p in model.parameters()) + count},
             "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started}

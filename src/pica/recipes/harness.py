@@ -231,7 +231,8 @@ def _features_run(prepared: PreparedRun, seed: int, run_dir: Path) -> dict:
               "wall_seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": round(memory.peak_mb, 1),
               "memory_kind": memory.kind,
               "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-              "saved": None, "head_modules": fitted["heads"]}
+              "saved": None, "head_modules": fitted["heads"],
+              "regularization": {"C": fitted["regularization_c"], "cv_folds": fitted["cv_folds"]}}
     write_json(run_dir / "results.json", result)
     return result
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,11 +14,21 @@ __all__ = ["format_choices", "format_table", "plot_comparison", "plot_loss", "su
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON via a temporary file and an atomic rename."""
+    """Write ``data`` as indented JSON via a temporary file and an atomic rename.
+
+    The temporary file has a unique name, so concurrent writers of one ``path`` (two processes sharing
+    a results directory) never collide; the last rename wins and a reader sees one whole file.
+    """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:
