@@ -3,7 +3,8 @@
 In a model whose weights are bf16 (no autocast), PiCa's default keeps ``M`` in fp32
 (``autocast_adapter_dtype=True``, as peft does for LoRA's A/B): the PiCa term up-casts ``x`` and runs
 both rank-r products in fp32, then casts back. ``autocast_adapter_dtype=False`` stores ``M`` in bf16 and
-computes the term in bf16. This script trains the same model, data and order three ways with
+computes the term in bf16. It also reports, for the trained fp32 model, what a bf16 merged form
+``x·bf16(W0 + M P)ᵀ`` would lose (``merged_bf16_rounding``). This script trains the same model, data and order three ways with
 transformers ``Trainer`` (AdamW, linear schedule, ``logging_steps=1``): fp32 weights (the reference
 curve), bf16 weights with fp32 ``M``, bf16 weights with bf16 ``M``; and reports each training-loss curve,
 its distance to the fp32 curve, the test accuracy and the training time (sequential runs in one process;
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-size", type=int, default=600)
     parser.add_argument("--test-size", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="run only these (the fp32 one is the reference of the curve distances)")
     args = parser.parse_args(argv)
+    if "fp32 weights" not in args.settings:
+        parser.error("--settings must include 'fp32 weights' (the reference curve)")
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as transformers_logging
 
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_rows, test_rows = demo_examples(args.train_size, args.test_size)
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="pica-adapter-dtype-") as scratch:
-        for setting in SETTINGS:
+        for setting in args.settings:
             runs[setting] = train(setting, args, tokenizer, train_rows, test_rows, Path(scratch))
             print(f"[{time.perf_counter() - started:6.0f} s] {setting}: final loss {runs[setting]['loss'][-1]:.4f}, "
                   f"test acc {runs[setting]['test_accuracy']:.3f}", file=sys.stderr, flush=True)

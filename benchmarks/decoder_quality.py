@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info  # noqa: E402
 
-from pica.io import atomic_directory  # noqa: E402
+from pica.io import atomic_directory, check_output_directory  # noqa: E402
 from pica.recipes.config import RecipeConfig  # noqa: E402
 from pica.recipes.harness import evaluate_model, prepare, train_one  # noqa: E402
 from pica.recipes.methods import target_modules_for  # noqa: E402
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
     info = machine_info()
     started = time.perf_counter()
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite")
+    check_output_directory(out, args.overwrite, what="decoder_quality --out")  # before any work
     gguf = Path(args.gguf) if args.gguf else smollm2_gguf()
     base_values = dict(task="math", model=str(gguf), train_data=str(gsm8k_path("train")),
                        eval_data=str(gsm8k_path("test")), train_limit=args.train_limit, eval_limit=args.eval_limit,

@@ -47,7 +47,7 @@ from _common import machine_info  # noqa: E402
 from decoder_quality import budgets, smollm2_gguf  # noqa: E402
 from train_throughput import Variant, resident_bytes, step_peak_bytes  # noqa: E402
 
-from pica.io import atomic_directory  # noqa: E402
+from pica.io import atomic_directory, check_output_directory  # noqa: E402
 from pica.recipes.config import RecipeConfig  # noqa: E402
 from pica.recipes.defaults import with_defaults  # noqa: E402
 from pica.recipes.harness import PreparedRun, evaluate_model, prepare, train_one  # noqa: E402
@@ -174,8 +174,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     info = machine_info()
     started = time.perf_counter()
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite")
+    check_output_directory(out, args.overwrite, what="quantized --out")  # before any work
     gguf = smollm2_gguf()
     values = recipe_values(args, gguf)
     prepared = prepare(RecipeConfig(**values))  # data, tokenizer; de-quantises the GGUF once (cached)

@@ -50,11 +50,11 @@ def test_features_runs_next_to_the_probe_with_its_parameter_count(data, tmp_path
 
 def test_features_regularization_is_chosen_by_cross_validation_on_training_rows_only(data, tmp_path, monkeypatch):
     """The C grid is searched with the training rows; the eval rows never reach the fit."""
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import GridSearchCV
 
     fitted_rows = []
-    real_fit = LogisticRegressionCV.fit
-    monkeypatch.setattr(LogisticRegressionCV, "fit", lambda self, x, y, **k: fitted_rows.append(len(x))
+    real_fit = GridSearchCV.fit
+    monkeypatch.setattr(GridSearchCV, "fit", lambda self, x, y, **k: fitted_rows.append(len(x))
                         or real_fit(self, x, y, **k))
     prepared = prepare(_recipe(data, tmp_path, methods=["features"]))
     run_experiment(prepared, progress=False)

@@ -3,10 +3,10 @@
 The frozen base model embeds every example; the embedding is the input of the classification head
 (``classifier``/``score``), i.e. exactly what the ``probe``'s head sees (BERT: the ``[CLS]`` pooler
 output; decoder models, whose ``score`` head reads every position: the last attended token's hidden
-state, the position transformers reads the logits from). A scikit-learn ``LogisticRegressionCV``
+state, the position transformers reads the logits from). A scikit-learn ``LogisticRegression``
 (features standardised by ``StandardScaler``, L2, lbfgs) is fitted on the training embeddings, its
-regularisation ``C`` chosen among :data:`C_GRID` by stratified 5-fold cross-validation accuracy on the
-training rows only (fewer folds if a class has fewer rows; ``C=1`` when a class has one row), and
+regularisation ``C`` chosen among :data:`C_GRID` by ``GridSearchCV`` (stratified 5-fold accuracy on the
+training rows only; fewer folds if a class has fewer rows; ``C=1`` when a class has one row), and
 evaluated with the task's metrics. No gradient step, no learning rate; its trainable
 parameters are the regression's weights and intercepts (counted as head). Nothing is saved as a model
 (no pickle); predictions and results are.
@@ -93,8 +93,8 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
         ``{"metrics", "predictions", "trainable_params", "heads", "regularization_c", "cv_folds",
         "train_seconds", "eval_seconds"}``.
     """
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -115,15 +115,15 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     started = time.perf_counter()
     train_x, train_y = embed(prepared.train_examples)
     folds = min(5, int(np.unique(train_y, return_counts=True)[1].min()))
-    if folds >= 2:
-        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        linear = LogisticRegressionCV(Cs=list(C_GRID), cv=splitter, scoring="accuracy", max_iter=2000,
-                                      random_state=seed)
+    regression = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    chosen_c = 1.0
+    if folds >= 2:  # the scaler is refitted inside every fold; the best C is refitted on all training rows
+        search = GridSearchCV(regression, {"logisticregression__C": list(C_GRID)}, scoring="accuracy",
+                              cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed))
+        search.fit(train_x, train_y)
+        regression, chosen_c = search.best_estimator_, float(search.best_params_["logisticregression__C"])
     else:  # a class with one training row: nothing to cross-validate on
-        linear = LogisticRegression(max_iter=2000, random_state=seed)
-    regression = make_pipeline(StandardScaler(), linear)
-    regression.fit(train_x, train_y)
-    chosen_c = float(np.ravel(linear.C_)[0]) if folds >= 2 else 1.0
+        regression.fit(train_x, train_y)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     eval_x, eval_y = embed(prepared.eval_examples)
