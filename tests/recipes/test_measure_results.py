@@ -98,3 +98,17 @@ def test_write_json_concurrent_writers_of_one_path_never_collide(tmp_path):
     assert errors == []
     assert json.loads(path.read_text(encoding="utf-8"))["writer"] in range(4)
     assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # no temporary file left behind
+
+
+def test_write_json_gives_the_file_the_permissions_of_any_new_file(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "results.json", {"a": 1})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644

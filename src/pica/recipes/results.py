@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,7 +21,9 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """
     path = Path(path)
     text = json.dumps(data, indent=2, default=str) + "\n"
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique name per writer; created like any new file (mode 0666 minus the umask, as write_text does).
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
