@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+from _common import interleaved_medians, machine_info  # noqa: E402
 from decoder_quality import budgets, smollm2_gguf  # noqa: E402
 from train_throughput import Variant, resident_bytes, step_peak_bytes  # noqa: E402
 
@@ -51,7 +50,8 @@ from pica.io import atomic_directory, check_output_directory  # noqa: E402
 from pica.recipes.config import RecipeConfig  # noqa: E402
 from pica.recipes.defaults import with_defaults  # noqa: E402
 from pica.recipes.harness import PreparedRun, evaluate_model, prepare, train_one  # noqa: E402
-from pica.recipes.methods import apply_method, default_head_modules, target_modules_for  # noqa: E402
+from pica.recipes.fit import build_model  # noqa: E402
+from pica.recipes.methods import target_modules_for  # noqa: E402
 from pica.recipes.models import load_base_model  # noqa: E402
 from pica.recipes.results import write_json  # noqa: E402
 from pica.recipes.tasks.math import gsm8k_path  # noqa: E402
@@ -97,15 +97,8 @@ def recipe_values(args: argparse.Namespace, gguf: Path) -> dict[str, Any]:
 
 
 def build_variant(prepared: PreparedRun, method: str, recipe: RecipeConfig) -> Variant:
-    """The model ``train_one`` would train (same loading, k-bit preparation and adapter) with AdamW."""
-    from peft import prepare_model_for_kbit_training
-
-    torch.manual_seed(0)
-    model = load_base_model(recipe.model, "generative", pad_token_id=prepared.tokenizer.pad_token_id,
-                            quantize=recipe.quantize)
-    if recipe.quantize is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = apply_method(model, method, recipe, "generative", default_head_modules(model, "generative"))
+    """The model ``train_one`` would train (:func:`pica.recipes.fit.build_model`, seed 0) with AdamW."""
+    model, _, _ = build_model(prepared, method, recipe, seed=0)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Variant(model, torch.optim.AdamW(trainable, lr=float(recipe.lr)), False)
@@ -136,19 +129,11 @@ def time_steps(variants: dict[str, Variant], batch: dict[str, torch.Tensor], rou
         results[name] = {"memory_mib": {"resident": round(resident / 2**20, 1),
                                         "step_peak_above_resident": round(peak / 2**20, 1),
                                         "total": round((resident + peak) / 2**20, 1)}}
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        logger.info("step time: round %d of %d", index + 1, rounds)
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            started = time.perf_counter()
-            steps[name]()
-            samples[name].append(time.perf_counter() - started)
     reference = names[0]
-    for name in names:
-        results[name].update({
-            "median_step_s": round(statistics.median(samples[name]), 4),
-            "ratio_to_" + reference: round(statistics.median(t / r for t, r in zip(samples[name], samples[reference])), 4),
-            "samples_s": [round(t, 4) for t in samples[name]]})
+    for name, timed in interleaved_medians(steps, repeats=rounds, warmup=0).items():
+        results[name].update({"median_step_s": round(timed["median_s"], 4),
+                              "ratio_to_" + reference: round(timed["median_paired_ratio"], 4),
+                              "samples_s": timed["samples_s"]})
     return results
 
 

@@ -52,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peft
 import transformers
-from _common import PeakTensorMemory, machine_info
+from _common import PeakTensorMemory, interleaved_medians, machine_info
 from transformers import GemmaConfig, GemmaForCausalLM
 
 import pica
@@ -248,24 +248,17 @@ def run_precision(shape: Shape, precision: str, device: torch.device, rounds: in
         results[name] = {"trainable_parameters": trainable, **probe,
                          "memory_mib": {"resident": round(resident / 2**20, 2), "step_peak_above_resident":
                                         round(peak / 2**20, 2), "total": round((resident + peak) / 2**20, 2)}}
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        logger.info("%s: round %d of %d", precision, round_index + 1, rounds)
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            samples[name].append(time.perf_counter() - start)
+    logger.info("%s: %d timed rounds", precision, rounds)
+    timed = interleaved_medians(steps, repeats=rounds, warmup=0)  # frozen_base first: the paired reference
     tokens = shape.batch * shape.seq
     for name in names:
-        median = statistics.median(samples[name])
+        samples = timed[name]["samples_s"]
         results[name].update({
-            "median_s": round(median, 5), "tokens_per_s": round(tokens / median, 2),
-            "ratio_to_base": round(statistics.median(t / b for t, b in zip(samples[name], samples["frozen_base"])), 4),
-            "samples_s": [round(t, 5) for t in samples[name]]})
+            "median_s": round(timed[name]["median_s"], 5), "tokens_per_s": round(tokens / timed[name]["median_s"], 2),
+            "ratio_to_base": round(timed[name]["median_paired_ratio"], 4), "samples_s": samples})
         if name.startswith("pica_"):  # > 1: faster than factored (factored time / this time, paired)
             results[name]["speedup_over_factored"] = round(statistics.median(
-                f / t for f, t in zip(samples["pica_factored"], samples[name])), 4)
+                f / t for f, t in zip(timed["pica_factored"]["samples_s"], samples)), 4)
     del variants, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()

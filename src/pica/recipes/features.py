@@ -90,8 +90,8 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     """Embed the train and eval examples with the frozen model, fit the logistic regression, evaluate.
 
     Returns:
-        ``{"metrics", "predictions", "trainable_params", "heads", "regularization_c", "cv_folds",
-        "train_seconds", "eval_seconds"}``.
+        ``{"metrics", "predictions", "trainable_params", "heads", "regularization", "train_seconds",
+        "eval_seconds"}``; ``regularization`` is ``{"C", "cv_folds"}`` (0 folds: no cross-validation).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -115,14 +115,15 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     started = time.perf_counter()
     train_x, train_y = embed(prepared.train_examples)
     folds = min(5, int(np.unique(train_y, return_counts=True)[1].min()))
+    folds = folds if folds >= 2 else 0  # a class with one training row: nothing to cross-validate on
     regression = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     chosen_c = 1.0
-    if folds >= 2:  # the scaler is refitted inside every fold; the best C is refitted on all training rows
+    if folds:  # the scaler is refitted inside every fold; the best C is refitted on all training rows
         search = GridSearchCV(regression, {"logisticregression__C": list(C_GRID)}, scoring="accuracy",
                               cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed))
         search.fit(train_x, train_y)
         regression, chosen_c = search.best_estimator_, float(search.best_params_["logisticregression__C"])
-    else:  # a class with one training row: nothing to cross-validate on
+    else:
         regression.fit(train_x, train_y)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -137,8 +138,8 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
                     "correct": bool(labels[p] == e["label"])} for e, p in zip(prepared.eval_examples, predicted)]
     logger.info("features: logistic regression (C=%g by %d-fold CV) on %d × %d frozen features, %s", chosen_c,
                 folds, *train_x.shape, metrics)
-    return {"metrics": metrics, "predictions": predictions, "heads": heads, "regularization_c": chosen_c,
-            "cv_folds": folds if folds >= 2 else 0,
+    return {"metrics": metrics, "predictions": predictions, "heads": heads,
+            "regularization": {"C": chosen_c, "cv_folds": folds},
             "trainable_params": {"adapter": 0, "head": count, "total": count,
                                  "model_total": sum(p.numel() for p in model.parameters()) + count},
             "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started}

@@ -25,7 +25,7 @@ from .models import load_base_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fitted", "fit", "selection_metric", "training_arguments"]
+__all__ = ["Fitted", "build_model", "fit", "selection_metric", "training_arguments"]
 
 _TRAINER_METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
 
@@ -109,6 +109,31 @@ def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progre
     )
 
 
+def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
+                progress: bool = False) -> tuple[torch.nn.Module, list[str], float]:
+    """The model ``fit`` trains: the base (quantised by bitsandbytes and prepared for k-bit training if
+    ``recipe.quantize``), a new task head drawn after ``set_seed(seed)``, and ``method`` applied.
+
+    Returns:
+        ``(model, head module names, seconds spent applying the method)`` (PiCa: the projectors).
+    """
+    kind, options = prepared.task.TASK_KIND, prepared.options
+    set_seed(seed)  # the new task head starts from the same draw for every method
+    model = load_base_model(recipe.model, kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
+                            num_labels=options.get("num_labels"), problem=options.get("problem"),
+                            pad_token_id=prepared.tokenizer.pad_token_id, quantize=recipe.quantize,
+                            head_modules=recipe.head_modules)
+    if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
+    started = time.perf_counter()
+    with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
+        model = apply_method(model, method, recipe, kind, heads)
+    return model, heads, time.perf_counter() - started
+
+
 def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examples: list[dict],
         validation_examples: Optional[list[dict]], output_dir: Path, progress: bool) -> Fitted:
     """Train ``method`` with ``recipe`` (its ``lr`` already a number) on ``train_examples``.
@@ -124,20 +149,7 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
         output_dir: Trainer's output directory (checkpoints); the caller removes it.
     """
     task, options, tokenizer, kind = prepared.task, prepared.options, prepared.tokenizer, prepared.task.TASK_KIND
-    set_seed(seed)  # the new task head starts from the same draw for every method
-    model = load_base_model(recipe.model, kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                            num_labels=options.get("num_labels"), problem=options.get("problem"),
-                            pad_token_id=tokenizer.pad_token_id, quantize=recipe.quantize,
-                            head_modules=recipe.head_modules)
-    if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
-    init_started = time.perf_counter()
-    with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
-        model = apply_method(model, method, recipe, kind, heads)
-    init_seconds = time.perf_counter() - init_started
+    model, heads, init_seconds = build_model(prepared, method, recipe, seed, progress)
     params = parameter_split(model, heads)
     logger.info("%s: trainable %s", method, params)
 

@@ -9,15 +9,11 @@ leaves no partial output directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import shutil
-import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +22,6 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from ..io import atomic_directory
 from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
 from .defaults import with_defaults
@@ -35,6 +30,7 @@ from .fit import fit
 from .selection import check_selection, choose_lr, split_validation
 from .measure import PeakMemory
 from .preflight import check_before_training
+from .rank_outputs import is_distributed, rank_output_directory
 from .models import load_tokenizer
 from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json
 from .tasks import get_task
@@ -232,7 +228,7 @@ def _features_run(prepared: PreparedRun, seed: int, run_dir: Path) -> dict:
               "memory_kind": memory.kind,
               "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
               "saved": None, "head_modules": fitted["heads"],
-              "regularization": {"C": fitted["regularization_c"], "cv_folds": fitted["cv_folds"]}}
+              "regularization": fitted["regularization"]}
     write_json(run_dir / "results.json", result)
     return result
 
@@ -263,44 +259,12 @@ def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
             "quantize": recipe.quantize}
 
 
-def _is_main_process() -> bool:
-    """True unless this is a non-zero rank of a ``torchrun`` / ``accelerate launch`` job (``RANK`` is set)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@contextlib.contextmanager
-def _private_directory() -> Iterator[Path]:
-    """A temporary directory for a non-zero rank's copy of the outputs, removed at the end."""
-    with tempfile.TemporaryDirectory(prefix=f".pica-rank{os.environ['RANK']}-") as private:
-        yield Path(private)
-
-
-@contextlib.contextmanager
-def _output_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """The staging directory of the run: published atomically by the main process only.
-
-    Under ``torchrun`` / ``accelerate launch`` every process trains and evaluates (FSDP needs them all
-    in every forward), but only rank 0 publishes; the others write into a private temporary directory
-    that is removed at the end. The processes meet at a barrier before rank 0 publishes, so a failure
-    on any rank publishes nothing.
-    """
-    directory = atomic_directory(output, overwrite, "output_dir") if _is_main_process() else _private_directory()
-    with directory as staging:
-        yield staging
-        if _distributed():
-            torch.distributed.barrier()
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
     """Every method × seed of the recipe; writes the output directory atomically; returns results.
 
     The output is built with :func:`pica.io.atomic_directory`: a failed run leaves no partial
     directory, and with ``overwrite`` the old output is replaced only once the new one is complete.
-    Under ``torchrun`` / ``accelerate launch`` only rank 0 publishes it (see :func:`_output_directory`).
+    Under ``torchrun`` / ``accelerate launch`` only rank 0 publishes it (see :func:`pica.recipes.rank_outputs.rank_output_directory`).
 
     Everything that can be checked before training was checked by :func:`prepare`. If a run still fails
     (e.g. out of memory, a diverging loss), the other runs go on, and the finished ones are published
@@ -314,7 +278,7 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
     """
     recipe = prepared.recipe
     failed: list[dict] = []
-    with _output_directory(Path(recipe.output_dir).resolve(), recipe.overwrite) as staging:
+    with rank_output_directory(Path(recipe.output_dir).resolve(), recipe.overwrite) as staging:
         resolved = {**recipe.to_dict(), "task_options": prepared.options}
         (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         runs, first_error = [], None
@@ -324,7 +288,7 @@ def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:
                 try:
                     runs.append(train_one(prepared, method, seed, run_dir, progress))
                 except Exception as error:
-                    if _distributed():
+                    if is_distributed():
                         raise
                     logger.exception("run %s seed %d failed; going on with the other runs", method, seed)
                     first_error = first_error or error
