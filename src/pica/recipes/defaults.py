@@ -1,7 +1,7 @@
 """Per-method defaults: the learning rate each method trains at when a recipe gives none.
 
 One number per method, not per task. Where each number comes from is in :data:`LR_SOURCES` (and
-the README's table); none was chosen on a split that is reported as a test result.
+the table in ``docs/defaults.md``); none was chosen on a split that is reported as a test result.
 """
 
 from __future__ import annotations
