@@ -22,12 +22,13 @@ def save_tokenizer(directory: Path) -> BertTokenizerFast:
     return tokenizer
 
 
-def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
-    """A random 2-layer BERT encoder + WordPiece tokenizer, loadable by AutoModelForSequenceClassification."""
+def save_tiny_bert(directory: Path, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A random 2-layer BERT encoder + WordPiece tokenizer, loadable by AutoModelForSequenceClassification
+    (``hidden_size=64``: sizes bitsandbytes can pack for its CPU kernel, see tests/quantized_fixtures.py)."""
     tokenizer = save_tokenizer(directory)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=2 * hidden_size, max_position_embeddings=64)
     BertModel(config).save_pretrained(directory)
     return directory
 

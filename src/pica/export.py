@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from .io import atomic_directory
 from .tuner.config import PiCaConfig
 from .tuner.layer import PiCaLayer, base_weight_out_in, pica_layers
-from .tuner.quantized import is_quantized
+from .tuner.quantized import is_quantized, quantized_from_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def merged_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[s
                 if not torch.isfinite(new).all():
                     raise ValueError(f"merging PiCa adapter '{adapter_name}' into {name} gives non-finite weights")
                 new = new.T if isinstance(base_layer, Conv1D) else new  # back to the storage layout
-                dtype = base_weight_out_in(base_layer).dtype if is_quantized(base_layer) else base_layer.weight.dtype
+                dtype = quantized_from_dtype(base_layer) if is_quantized(base_layer) else base_layer.weight.dtype
                 merged[f"{name}.weight"] = new.to(dtype).cpu().contiguous()
         elif isinstance(module, ModulesToSaveWrapper):
             trained = adapter_name in module.modules_to_save

@@ -17,7 +17,7 @@ pytest.importorskip("bitsandbytes")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize")
-    return {"model": save_tiny_bert(root / "bert"), "train": write_jsonl(root / "train.jsonl", sentiment_rows(32)),
+    return {"model": save_tiny_bert(root / "bert", hidden_size=64), "train": write_jsonl(root / "train.jsonl", sentiment_rows(32)),
             "eval": write_jsonl(root / "eval.jsonl", sentiment_rows(8, seed=1))}
 
 

@@ -11,9 +11,11 @@ from torch import nn
 
 from pica import PiCaConfig, top_right_singular_vectors, weight_fingerprint
 from pica.tuner import plan as plan_module
-from pica.tuner.quantized import base_weight_out_in, is_quantized
+from pica.tuner.quantized import adapter_view, base_weight_out_in, is_quantized
 from tests.conftest import pica_layers, randomize_updates
-from tests.quantized_fixtures import SCHEMES, load_quantized, save_llama
+from tests.quantized_fixtures import SCHEMES, bnb_layout, load_quantized, save_llama  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("bnb_layout")  # every test in both 4-bit layouts (tests/quantized_fixtures.py)
 
 INPUTS = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -35,18 +37,32 @@ def test_rank_4_on_a_4bit_llama_uses_the_module_sizes(llama_dir):
         assert layer.pica_P["default"].shape == (4, base.in_features)
     assert model.peft_config["default"].base_quantization == {
         "method": "bitsandbytes_4bit", "quant_type": "nf4", "blocksize": 64, "compress_statistics": False,
-        "dtype": "float32", "unquantized_modules": []}
+        "dtype": "float32", "block_scales": "bfloat16", "unquantized_modules": []}
+
+
+def _largest_principal_sine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sin of the largest principal angle between the row spaces of two orthonormal-row matrices:
+    the spectral norm of ``a``'s rows minus their projection onto ``b``'s row space."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.matrix_norm(a - (a @ b.T) @ b, ord=2))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_projector_and_fingerprint_come_from_the_dequantised_weight(llama_dir, scheme):
     model = get_peft_model(load_quantized(llama_dir, scheme), PiCaConfig(rank=4))
+    record = model.peft_config["default"].base_quantization
     for name, layer in pica_layers(model).items():
         base = layer.get_base_layer()
-        weight = base_weight_out_in(base)  # (out, in) de-quantised
-        assert weight.shape == (base.out_features, base.in_features) and weight.is_floating_point()
-        assert torch.equal(layer.pica_P["default"], top_right_singular_vectors(weight, 4))
-        assert torch.equal(layer.pica_fingerprint["default"], weight_fingerprint(weight))
+        read = adapter_view(base, record)  # (out, in) de-quantised; 4-bit: block scales rounded to bf16
+        assert read.shape == (base.out_features, base.in_features) and read.is_floating_point()
+        assert torch.equal(layer.pica_P["default"], top_right_singular_vectors(read, 4))
+        assert torch.equal(layer.pica_fingerprint["default"], weight_fingerprint(read))
+        # P spans the top-4 subspace of the weight the layer computes with, within Wedin's bound for the read's error
+        exact = base_weight_out_in(base).float()
+        values = torch.linalg.svdvals(exact.double())
+        bound = 2 * float(torch.linalg.matrix_norm((read - exact).double(), ord=2)) / float(values[3] - values[4])
+        sine = _largest_principal_sine(layer.pica_P["default"], top_right_singular_vectors(exact, 4))
+        assert sine <= bound + 1e-5, (name, sine, bound)
         if scheme == "int8":  # the codes are not the weight: P of the raw int8 storage is another subspace
             codes = top_right_singular_vectors(base.weight.data.float(), 4)
             assert not torch.allclose(codes.abs(), layer.pica_P["default"].abs(), atol=1e-3), name
@@ -63,9 +79,9 @@ def test_forward_is_base_layer_plus_pica_term_never_merged(llama_dir, scheme, mo
     with torch.no_grad():
         assert torch.equal(model(INPUTS).logits, expected)  # M = 0: the base model, bitwise
     randomize_updates(model)
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 64)
     for name, layer in pica_layers(model).items():
-        if layer.in_features != 32:
+        if layer.in_features != 64:
             continue
         update, projector = layer.get_update("default"), layer.pica_P["default"]
         assert update.dtype == torch.float32 and update.requires_grad
@@ -77,7 +93,7 @@ def test_bfloat16_compute_dtype_keeps_m_in_float32_and_output_in_bfloat16(llama_
     model = get_peft_model(load_quantized(llama_dir, "nf4", compute_dtype=torch.bfloat16), PiCaConfig(rank=4))
     randomize_updates(model)
     layer = pica_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
-    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
     output = layer(x)
     assert output.dtype == layer.get_base_layer()(x).dtype == torch.bfloat16 and torch.isfinite(output).all()
     assert layer.get_update("default").dtype == torch.float32

@@ -14,7 +14,9 @@ from pica import PiCaConfig, export_merged
 from pica.io import AdapterFileError
 from pica.tuner.quantized import base_weight_out_in
 from tests.conftest import pica_layers, randomize_updates
-from tests.quantized_fixtures import load_quantized, save_llama
+from tests.quantized_fixtures import load_quantized, save_llama, bnb_layout  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("bnb_layout")  # both 4-bit layouts (tests/quantized_fixtures.py)
 
 INPUTS = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -85,7 +87,7 @@ def test_another_quantisation_than_recorded_is_refused_naming_both(llama_dir, tm
     assert not pica_layers(model)
 
 
-def test_export_merged_from_a_4bit_base_writes_full_precision_dequantised_weights(llama_dir, tmp_path, caplog):
+def test_export_merged_from_a_4bit_base_writes_full_precision_dequantised_weights(llama_dir, tmp_path, caplog, bnb_layout):
     model, logits, _ = _trained(llama_dir, "nf4", tmp_path)
     layers = pica_layers(model)
     with caplog.at_level(logging.WARNING, logger="pica.export"):
@@ -98,7 +100,10 @@ def test_export_merged_from_a_4bit_base_writes_full_precision_dequantised_weight
         if layer is not None:
             expected = base_weight_out_in(layer.get_base_layer()) + layer.get_delta_weight("default")
             assert module.weight.dtype == torch.float32 and torch.allclose(module.weight, expected, atol=1e-6), name
-    assert torch.allclose(_logits(plain), logits, atol=1e-4)
+    if bnb_layout == "unpacked":
+        assert torch.allclose(_logits(plain), logits, atol=1e-4)
+    else:  # bitsandbytes's packed kernel computes in bf16: the fp32 export agrees to bf16 rounding
+        assert float((_logits(plain) - logits).abs().max()) <= 1e-2 * float(logits.abs().max())
 
 
 def test_a_full_precision_adapter_on_a_quantised_base_says_why_it_is_refused(llama_dir, tmp_path):

@@ -9,7 +9,9 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments
 
 from pica import PiCaConfig
-from tests.quantized_fixtures import load_quantized, save_llama
+from tests.quantized_fixtures import load_quantized, save_llama, bnb_layout  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("bnb_layout")  # both 4-bit layouts (tests/quantized_fixtures.py)
 
 
 @pytest.fixture(scope="module")

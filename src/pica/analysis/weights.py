@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..naming import parse_module_path
+from ..tuner.quantized import base_weight_out_in
 
 __all__ = ["adapted_weights", "linear_weights", "weight_pairs"]
 
@@ -24,7 +25,7 @@ def linear_weights(model: nn.Module, names: Iterable[str] | None = None) -> dict
             transformer blocks without embeddings, poolers and task heads.
 
     Returns:
-        module path → ``(out, in)`` tensor (a view of the model's weight).
+        module path → ``(out, in)`` tensor (a view of the model's weight; de-quantised for bitsandbytes layers).
     """
     wanted = set(names) if names is not None else None
     result = {}
@@ -33,10 +34,8 @@ def linear_weights(model: nn.Module, names: Iterable[str] | None = None) -> dict
             continue
         if wanted is None and not parse_module_path(name).indices:
             continue
-        if isinstance(module, Conv1D):
-            result[name] = module.weight.detach().T
-        elif isinstance(module, nn.Linear):
-            result[name] = module.weight.detach()
+        if isinstance(module, (Conv1D, nn.Linear)):  # bitsandbytes layers are nn.Linear: read their values, not codes
+            result[name] = base_weight_out_in(module).detach()
     if wanted is not None and wanted - set(result):
         raise ValueError(f"not linear modules of the model: {sorted(wanted - set(result))[:6]}")
     return result

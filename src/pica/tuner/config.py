@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .peft_type import PICA_PEFT_TYPE
-from .quantized import SCHEME_KEYS
+from .quantized import BLOCK_SCALES, SCHEME_KEYS
 
 __all__ = ["PiCaConfig"]
 
@@ -59,9 +59,11 @@ class PiCaConfig(PeftConfig):
             convention for ``init_weights=False``); not for training.
         base_quantization: set by PiCa, not by hand: the quantisation scheme of the base the adapter was
             created on (None: unquantised), e.g. ``{"method": "bitsandbytes_4bit", "quant_type": "nf4",
-            "blocksize": 64, "compress_statistics": True, "dtype": "float32", "unquantized_modules": []}``.
-            On full-precision weights, ``P`` and fingerprints are taken from them quantised again by it
-            (see :mod:`pica.tuner.quantized`).
+            "blocksize": 64, "compress_statistics": True, "dtype": "float32", "block_scales": "bfloat16",
+            "unquantized_modules": []}`` (``block_scales``: ``P`` and fingerprints read the 4-bit block scales
+            rounded to bfloat16, so every layout bitsandbytes keeps gives the same ``P``; absent in adapters
+            of pica 0.1, which read them as stored). On full-precision weights, ``P`` and fingerprints are
+            taken from them quantised again by it (see :mod:`pica.tuner.quantized`).
     """
 
     rank: int = field(default=256, metadata={"help": "Number of top right singular directions per layer."})
@@ -168,9 +170,13 @@ def _check_base_quantization(record: Any) -> None:
         raise ValueError(f"PiCaConfig.base_quantization must be None or a dict with 'method' in {sorted(SCHEME_KEYS)}, "
                          f"got {record!r}")
     expected = {"method", "unquantized_modules", *SCHEME_KEYS[record["method"]]}
-    if set(record) != expected:
-        raise ValueError(f"PiCaConfig.base_quantization for {record['method']} needs exactly the keys {sorted(expected)}, "
-                         f"got {sorted(record)}")
+    optional = {"block_scales"} if record["method"] == "bitsandbytes_4bit" else set()
+    if not expected <= set(record) <= expected | optional:
+        raise ValueError(f"PiCaConfig.base_quantization for {record['method']} needs exactly the keys {sorted(expected)}"
+                         f"{f' (optionally {sorted(optional)})' if optional else ''}, got {sorted(record)}")
+    if record.get("block_scales", BLOCK_SCALES) != BLOCK_SCALES:
+        raise ValueError(f"PiCaConfig.base_quantization['block_scales'] must be {BLOCK_SCALES!r}, "
+                         f"got {record['block_scales']!r}")
     modules = record["unquantized_modules"]
     if not isinstance(modules, list) or not all(isinstance(name, str) for name in modules):
         raise ValueError(f"PiCaConfig.base_quantization['unquantized_modules'] must be a list of str, got {modules!r}")

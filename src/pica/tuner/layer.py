@@ -108,7 +108,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_fingerprint = BufferDict({}, persistent=True)
         self.rank: dict[str, int] = {}
         self.pica_group: dict[str, str] = {}  # adapter → key of its group's M (see grouping.update_key)
-        self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → scheme P was taken through (quantized.adapter_view)
+        self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → its base_quantization record (quantized.adapter_view)
         self._base_fingerprint: dict[str, torch.Tensor] = {}  # of this base weight, computed at injection
         self._disable_adapters = False
         self.merged_adapters: list[str] = []

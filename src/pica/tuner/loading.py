@@ -56,8 +56,8 @@ from .adapter_state import UPDATE_PREFIX, state_dict_module_name
 from .auxiliary_state import auxiliary_tensors, check_auxiliary_file_keys
 from .load_arguments import call_arguments, check_load_arguments
 from .config import PiCaConfig
-from .layer import base_weight_out_in, pica_layers
-from .quantized import is_quantized
+from .layer import pica_layers
+from .quantized import adapter_view, is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _align_projector(problems: list[str], state_dict: dict[str, torch.Tensor], n
     if sketch is None:
         problems.append(f"{name}: projector sketch missing (projector_storage='compact')")
         return
-    weight = base_weight_out_in(layer.get_base_layer())  # (out, in)
+    weight = adapter_view(layer.get_base_layer(), layer.pica_scheme.get(adapter_name))  # (out, in), as P was read
     if weight.is_meta:
         return
     aligned, residual = align_to_sketch(layer.pica_P[adapter_name], weight, sketch)

@@ -23,6 +23,7 @@ from . import adapter_state, loading
 from .config import PiCaConfig
 from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
+from .quantized import is_quantized, guard_quantized_layers
 from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -113,6 +114,7 @@ class PiCaModel(BaseTuner):
             del self._pica_plans[adapter_name]
             for update, requires_grad in trainable:
                 update.requires_grad_(requires_grad)
+        guard_quantized_layers(model)
 
     def _create_and_replace(
         self,
@@ -175,7 +177,7 @@ class PiCaModel(BaseTuner):
         dtypes: dict[str, torch.dtype] = {}
         for _, layer in pica_layers(self.model, adapter_name):
             weight = layer.get_base_layer().weight
-            if weight.dtype in (torch.float16, torch.bfloat16):
+            if not is_quantized(layer.get_base_layer()) and weight.dtype in (torch.float16, torch.bfloat16):
                 dtypes.setdefault(layer.pica_group[adapter_name], weight.dtype)
         for key, update in self._updates()[adapter_name].items():
             if key in dtypes:

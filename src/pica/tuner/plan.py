@@ -143,7 +143,7 @@ def plan_adapter(
     members = validate_groups(roles, {name: shape[0] for name, shape in shapes.items()})
     groups = {name: update_key(role) for name, role in roles.items()}
     record = base_quantization if base_quantization is not None else quantization_record(targets)
-    schemes = target_schemes(record, targets)  # full-precision targets of an adapter trained quantised
+    schemes = target_schemes(record, targets)  # how to read each target trained quantised (see quantized.adapter_view)
 
     def read(name: str) -> torch.Tensor:  # (out, in); a new tensor for quantised (or re-quantised) weights
         return adapter_view(targets[name], schemes.get(name))
@@ -159,8 +159,9 @@ def plan_adapter(
         del weight
     if bad:
         raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
-    if schemes:
-        _warn_quantization_distance(record, {name: targets[name] for name in schemes if name in fingerprints})
+    requantized = {name: targets[name] for name in schemes if name in fingerprints and not is_quantized(targets[name])}
+    if requantized:
+        _warn_quantization_distance(record, requantized)
     devices = {name: targets[name].weight.device for name in real}
     if projectors is not None:
         unfit = [f"{name}: P missing" if name not in projectors else f"{name}: P has shape "
