@@ -22,6 +22,12 @@ from transformers import (
 )
 
 import pica  # noqa: F401  (registers PiCa with peft)
+
+if os.environ.get("PICA_TEST_WITHOUT_AVX512BF16") == "1":  # bitsandbytes as on a CPU without AVX512-BF16
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    bitsandbytes.functional.has_avx512bf16 = bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
 from pica.tuner.layer import PiCaLayer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
