@@ -4,6 +4,7 @@ flushes, killed writers, permissions. Faults are injected (no real mounts needed
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import subprocess
@@ -177,6 +178,25 @@ def _leftover(directory: Path, name: str, state: str, pid: int, files: dict[str,
         (path / relative).parent.mkdir(parents=True, exist_ok=True)
         (path / relative).write_text(text)
     return path
+
+
+@pytest.mark.parametrize("state", ["complete", "old"])
+def test_a_killed_publish_never_replaces_what_is_at_its_path_now(tmp_path, caplog, state):
+    """The issue's case: a leftover of a killed publish, then the user makes ``out/``; the next unrelated pica
+    write in that folder used to publish the leftover over ``out/``, deleting the user's files."""
+    leftover = _leftover(tmp_path, "out", state, _dead_pid(), {"results.json": "killed run"})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "important.txt").write_text("mine")
+    with caplog.at_level(logging.WARNING, logger="pica.io.outputs"):
+        with atomic_directory(tmp_path / "other") as staging:
+            (staging / "x").write_text("1")
+    assert _listing(tmp_path / "out") == {"important.txt": b"mine"}
+    kept = tmp_path / f"out.pica-{'interrupted' if state == 'complete' else 'previous'}-0123abcd"
+    assert not leftover.exists() and _listing(kept) == {"results.json": b"killed run"}
+    assert str(kept) in caplog.text and "kept both" in caplog.text
+    with atomic_directory(tmp_path / "third") as staging:  # a visible name is not a leftover: left as it is
+        (staging / "y").write_text("2")
+    assert _listing(kept) == {"results.json": b"killed run"}
 
 
 def test_next_output_write_finishes_what_killed_writers_left(tmp_path):

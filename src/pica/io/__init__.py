@@ -11,8 +11,11 @@ in with :func:`os.replace`. Staging directories are named ``.<name>.pica-<state>
 rename: ``partial`` (being written), ``complete`` (every file written and flushed: the new version is
 decided), ``old`` (a replaced directory waiting to be deleted). The next write to the same place (or
 the next PiCa load of it) finishes what a killed process left: a ``partial`` directory of a process
-that no longer exists is deleted (its write never happened), a ``complete`` one is moved in (its write
-happened), an ``old`` one is deleted once the new directory is in place, or put back otherwise.
+that no longer exists is deleted (its write never happened). Inside an adapter directory a ``complete``
+one is moved in (its save happened). Beside an output, a ``complete`` one is published and an ``old`` one
+put back, but only where nothing is at the output's path: otherwise (the write's own result, or a
+directory the user made since) both are kept, the leftover renamed ``<name>.pica-interrupted-<token>`` or
+``<name>.pica-previous-<token>`` with a warning: finishing a killed write never deletes or replaces anything.
 
 Two writers:
 

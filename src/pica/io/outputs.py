@@ -22,9 +22,13 @@ __all__ = ["OutputWouldDeleteInputError", "atomic_directory", "check_output_dire
 def _finish_beside(parent: Path) -> None:
     """Finish or discard what killed writers of outputs in ``parent`` left (hidden siblings of them).
 
-    Killed after writing everything (``complete``): published. Killed after moving the previous output
-    aside (``old``): deleted if the new one is in place, put back otherwise. Killed while writing
-    (``partial``): deleted. Directories of live processes, or made on other hosts, are left alone.
+    Killed after writing everything (``complete``): published if nothing is at its output's path.
+    Killed after moving the previous output aside (``old``): put back if nothing is at its path.
+    Either one meets something at that path (the interrupted write's own result, or a directory the
+    user made since: pica cannot tell which): both are kept, the leftover under a visible name beside
+    it (:func:`_keep_beside`), and a warning says where. Killed while writing (``partial``): deleted.
+    Directories of live processes, or made on other hosts, are left alone. Nothing a user made is
+    ever deleted or replaced here.
     """
     order = ("complete", "old", "partial")
     found = [(entry, match) for entry in parent.iterdir() if (match := _STAGING.match(entry.name)) and match["name"]]
@@ -32,15 +36,31 @@ def _finish_beside(parent: Path) -> None:
         if _owner_alive(match) or not entry.is_dir() or entry.is_symlink():
             continue
         out_dir = parent / match["name"]
-        if match["state"] == "complete":
-            _publish(entry, out_dir)
-            logger.warning("%s: published the output of a run that was killed while publishing it", out_dir)
-        elif match["state"] == "old" and not out_dir.exists():
-            os.replace(entry, out_dir)
-            logger.warning("%s: put back the previous directory (a run was killed while replacing it)", out_dir)
-        else:
+        if match["state"] == "partial":
             _remove(entry)
             logger.info("%s: removed %s, left by a killed run", parent, entry.name)
+        elif os.path.lexists(out_dir):
+            kept = _keep_beside(entry, out_dir, "interrupted" if match["state"] == "complete" else "previous",
+                                match["token"])
+            logger.warning("%s: a run was killed while %s it, and %s is there now; kept both: the run's %s is %s",
+                           out_dir, "publishing" if match["state"] == "complete" else "replacing", out_dir.name,
+                           "output" if match["state"] == "complete" else "previous directory", kept)
+        else:
+            os.replace(entry, out_dir)
+            _fsync_directory(parent)
+            logger.warning("%s: %s (a run was killed while %s it)", out_dir,
+                           "published the output" if match["state"] == "complete" else "put back the previous directory",
+                           "publishing" if match["state"] == "complete" else "replacing")
+
+
+def _keep_beside(entry: Path, out_dir: Path, what: str, token: str) -> Path:
+    """Rename a leftover to ``<out_dir>.pica-<what>-<token>[-n]``: visible, never replacing anything."""
+    for attempt in range(1000):
+        kept = out_dir.with_name(f"{out_dir.name}.pica-{what}-{token}" + (f"-{attempt}" if attempt else ""))
+        if not os.path.lexists(kept):
+            os.rename(entry, kept)
+            return kept
+    raise FileExistsError(f"{out_dir}: no free name to keep {entry.name} under")
 
 
 def _publish(complete: Path, out_dir: Path) -> None:
