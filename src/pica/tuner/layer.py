@@ -11,7 +11,7 @@ per-layer FSDP units all see it, because it lives in the root unit (as tied embe
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -95,6 +95,23 @@ def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
             "full-precision base and merge there.")
 
 
+class _DtypeKeepingBuffers(BufferDict):
+    """A ``BufferDict`` whose tensors follow whole-model device moves but keep their dtypes.
+
+    ``P`` (float32) and the fingerprints (float64) describe the base weight; a whole-model cast
+    (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``) would round them (``P`` in bf16 is no
+    longer orthonormal to 1e-4, and such an adapter could not be loaded again). ``M`` is a parameter
+    elsewhere and follows casts as peft's adapter weights do.
+    """
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_DtypeKeepingBuffers":
+        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+
 class PiCaLayer(BaseTunerLayer):
     """Per-layer state, the lookup of the group's ``M``, and merge logic."""
 
@@ -104,8 +121,8 @@ class PiCaLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, updates: nn.ModuleDict, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.__dict__["_pica_updates"] = updates  # the tuner's M store; a plain reference, not a submodule
-        self.pica_P = BufferDict({}, persistent=True)
-        self.pica_fingerprint = BufferDict({}, persistent=True)
+        self.pica_P = _DtypeKeepingBuffers({}, persistent=True)  # float32 whatever the model's dtype
+        self.pica_fingerprint = _DtypeKeepingBuffers({}, persistent=True)  # float64
         self.rank: dict[str, int] = {}
         self.pica_group: dict[str, str] = {}  # adapter → key of its group's M (see grouping.update_key)
         self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → its base_quantization record (quantized.adapter_view)
