@@ -114,3 +114,18 @@ def test_from_pretrained_takes_torch_device_and_a_device_map_that_names_where_th
     for device_map in ("auto", {"": "meta"}, {"model.embed_tokens": "cpu"}):
         with pytest.raises(ValueError, match=r"\['device_map'\] apply only to a model dispatched"):
             PeftModel.from_pretrained(make_llama(), tmp_path, device_map=device_map)
+
+
+def test_no_m_is_trainable_inside_disable_adapter_and_each_gets_its_flag_back():
+    """peft's TestRequiresGrad: LoRA has no trainable adapter weight inside ``disable_adapter()``."""
+    model = get_peft_model(make_llama(), PiCaConfig(rank=4))
+    model.add_adapter("frozen", PiCaConfig(rank=4))
+    model.set_requires_grad("frozen", requires_grad=False)
+    before = {name: p.requires_grad for name, p in model.named_parameters() if ".pica_M." in name}
+    assert any(before.values()) and not all(before.values())
+    with model.disable_adapter():
+        assert not any(p.requires_grad for name, p in model.named_parameters() if ".pica_M." in name)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] or [torch.zeros(1)])
+        assert not any(p is q for group in optimizer.param_groups for p in group["params"]
+                       for name, q in model.named_parameters() if ".pica_M." in name)
+    assert {name: p.requires_grad for name, p in model.named_parameters() if ".pica_M." in name} == before

@@ -158,6 +158,20 @@ class PiCaModel(BaseTuner):
             if name in names:
                 updates.requires_grad_(requires_grad)
 
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """peft's switch of every layer (``disable_adapter()`` and friends); ``M`` lives on the tuner, so it
+        follows here: no ``M`` is trainable while adapters are disabled, and each gets its flag back after."""
+        super()._enable_adapter_layers(enabled)
+        updates = list(self._updates().parameters())
+        if not enabled:
+            self.__dict__.setdefault("_pica_trainable_before_disable", {id(u): u.requires_grad for u in updates})
+            for update in updates:
+                update.requires_grad_(False)
+            return
+        before = self.__dict__.pop("_pica_trainable_before_disable", {})
+        for update in updates:
+            update.requires_grad_(before.get(id(update), update.requires_grad))
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter, its layers' state and its ``M``."""
         super().delete_adapter(adapter_name)
