@@ -80,3 +80,23 @@ def test_peft_inject_adapter_in_model_refuses_pica():
     with pytest.raises(ValueError, match="shared state"):
         inject_adapter_in_model(PiCaConfig(rank=4), base)
     assert not pica_layers(base) and torch.equal(model_output(base, example_inputs("llama")), reference)
+
+
+class _SequentialMlpBlock(torch.nn.Module):
+    """A block whose MLP is an ``nn.Sequential``: ``ff.0`` and ``ff.2`` are two roles of equal shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(16, 16)
+        self.ff = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+
+    def forward(self, x):
+        return x + self.ff(self.attn(x))
+
+
+def test_positions_in_a_sequential_get_their_own_m_and_layers_share():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_SequentialMlpBlock() for _ in range(3)])
+    peft_model = get_peft_model(model, PiCaConfig(rank=4, target_modules=r".*\.(attn|ff\.0|ff\.2)"))
+    groups = {layer.pica_group["default"] for layer in pica_layers(peft_model).values()}
+    assert groups == {"*/attn", "*/ff/0", "*/ff/2"}
