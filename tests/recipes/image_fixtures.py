@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def write_folder(root: Path, count: int, start: int = 0, size: int = 12) -> Path
 
 def write_table(path: Path, folder: Path, suffix: str = ".csv") -> Path:
     """A CSV / JSONL of ``image`` (path relative to the table) and ``label`` for every image of ``folder``."""
-    rows = [{"image": str(file.relative_to(path.parent)), "label": file.parent.name}
+    rows = [{"image": os.path.relpath(file, path.parent), "label": file.parent.name}
             for file in sorted(folder.glob("*/*.png"))]
     if suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as handle:

@@ -141,9 +141,9 @@ def _folder_rows(folder: Path) -> Iterator[tuple[str, str, Any]]:
 
 def _table_rows(path: Path, options: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
     """``(location, image path, raw label)`` of a CSV/JSONL/JSON file of paths and labels."""
-    label_field = options.get("label_field", "label")
+    label_field, field = options.get("label_field", "label"), options.get("image_field")
     for location, row in iter_rows(path, encoding=options.get("encoding", "utf-8")):
-        field = _image_field(row, options.get("image_field"), location)
+        field = _image_field(row, field, location)  # detected on the first row, then required
         value = row[field]
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{location}: image field {field!r} must be a file path, got {value!r}")
@@ -166,9 +166,10 @@ def _dataset_rows(source: str, options: dict[str, Any]) -> Iterator[tuple[str, A
                          f"NAME[:CONFIG][@SPLIT]: {error}") from None
     label_field = options.get("label_field", "label")
     label_names = getattr(data.features.get(label_field), "names", None)
+    field = options.get("image_field")
     for index, row in enumerate(data):
         location = f"{source}[{index}]"
-        field = _image_field(row, options.get("image_field"), location)
+        field = _image_field(row, field, location)  # detected on the first row, then required
         if label_field not in row:
             raise ValueError(f"{location}: missing label field {label_field!r}")
         label = row[label_field]

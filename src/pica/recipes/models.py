@@ -3,6 +3,7 @@ ONNX file) for a task kind."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -117,13 +118,20 @@ def quantization_kwargs(quantize: Optional[str], dtype: str, keep: Optional[list
     return {"quantization_config": config, "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
 
+def _interpolate_positions(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook: position embeddings resized to the input's patch grid (a no-op at the trained size)."""
+    return args, {**kwargs, "interpolate_pos_encoding": True}
+
+
 def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = None, dtype: str = "float32",
                     num_labels: Optional[int] = None, problem: Optional[str] = None, pad_token_id: Optional[int] = None,
                     quantize: Optional[str] = None, head_modules: Optional[list[str]] = None,
                     modality: str = "text") -> nn.Module:
     """``AutoModelForCausalLM`` (generative) or ``AutoModelForSequenceClassification`` (classification);
     ``AutoModelForImageClassification`` for an image task (``modality="image"``; a head of another size in
-    the checkpoint is replaced by a new one: ``ignore_mismatched_sizes``).
+    the checkpoint is replaced by a new one: ``ignore_mismatched_sizes``; a model whose forward takes
+    ``interpolate_pos_encoding`` (ViT, DeiT) gets it set on every call, so images of another size than it was
+    pre-trained at work as they do for DINOv2, which always interpolates).
 
     A new classification head is initialised from torch's current RNG state: seed before calling.
     ``quantize``: load the linear layers quantised (see :func:`quantization_kwargs`), except the task head,
@@ -139,6 +147,8 @@ def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = No
         loaded = AutoModelForImageClassification.from_pretrained(source, num_labels=num_labels,
                                                                  problem_type="single_label_classification",
                                                                  ignore_mismatched_sizes=True, **kwargs)
+        if "interpolate_pos_encoding" in inspect.signature(loaded.forward).parameters:
+            loaded.register_forward_pre_hook(_interpolate_positions, with_kwargs=True)
     else:
         problem_type = "regression" if problem == "regression" else "single_label_classification"
         loaded = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,

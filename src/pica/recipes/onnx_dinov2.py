@@ -60,7 +60,7 @@ _PREFIX = "backbone."
 _OLD_TO_NEW = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
                "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
-_memo: dict[tuple[str, int, int], Path] = {}
+_memo: dict[tuple[str, int, int, str], Path] = {}
 
 
 def default_cache_dir() -> Path:
@@ -283,11 +283,12 @@ def converted_checkpoint(onnx_path: Union[str, os.PathLike], cache_dir: Optional
     if not source.is_file():
         raise FileNotFoundError(f"ONNX file not found: {source}")
     status = source.stat()
-    memo_key = (str(source), status.st_size, status.st_mtime_ns)
-    if not overwrite and cache_dir is None and memo_key in _memo and (_memo[memo_key] / MARKER_FILE).is_file():
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    memo_key = (str(source), status.st_size, status.st_mtime_ns, str(root))  # skips re-hashing within a process
+    if not overwrite and memo_key in _memo and (_memo[memo_key] / MARKER_FILE).is_file():
         return _memo[memo_key]
     sha256 = file_sha256(source)
-    target = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / f"{source.stem}-{sha256[:16]}"
+    target = root / f"{source.stem}-{sha256[:16]}"
     if not overwrite and _valid_entry(target, sha256):
         logger.info("ONNX %s: using the converted checkpoint cached in %s", source.name, target)
         _memo[memo_key] = target
