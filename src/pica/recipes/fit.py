@@ -8,6 +8,7 @@ of its grid, so both train in exactly the same way.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fitted", "build_model", "fit", "selection_metric", "task_collator", "training_arguments"]
+__all__ = ["Fitted", "TrainingDivergedError", "build_model", "divergence", "fit", "selection_metric", "task_collator",
+           "training_arguments"]
 
 _TRAINER_METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
 
@@ -41,6 +43,28 @@ class Fitted:
     heads: list[str]
     init_seconds: float
     train_seconds: float
+    diverged: Optional[str] = None
+    """What became non-finite in training (the loss, trainable tensors), or None: see :func:`divergence`."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A run's loss or trainable weights became non-finite: a failed run, never a published result."""
+
+
+def divergence(model: torch.nn.Module, training_loss: float, log_history: list[dict]) -> Optional[str]:
+    """What is non-finite after training (the mean or any logged loss, trainable tensors), or None.
+
+    Argmax of NaN logits still gives an accuracy, so a diverged model must be caught here, not by its scores.
+    """
+    problems = []
+    losses = [entry["loss"] for entry in log_history if isinstance(entry.get("loss"), (int, float))]
+    if not math.isfinite(training_loss) or not all(math.isfinite(loss) for loss in losses):
+        problems.append(f"training loss {training_loss!r}")
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    bad = [name for name, parameter in trainable if not torch.isfinite(parameter.detach()).all()]
+    if bad:
+        problems.append(f"{len(bad)} of {len(trainable)} trainable tensors non-finite (e.g. {bad[0]})")
+    return "; ".join(problems) or None
 
 
 def selection_metric(task: Any, options: dict[str, Any], metric: str) -> tuple[str, bool]:
@@ -180,4 +204,5 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
                       compute_metrics=None if validation_examples is None else _trainer_metrics(task, options))
     started = time.perf_counter()
     output = trainer.train()
-    return Fitted(trainer, output.training_loss, params, heads, init_seconds, time.perf_counter() - started)
+    return Fitted(trainer, output.training_loss, params, heads, init_seconds, time.perf_counter() - started,
+                  divergence(trainer.model, output.training_loss, trainer.state.log_history))

@@ -26,7 +26,7 @@ from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
 from .defaults import with_defaults
 from .features import check_features, fit_features
-from .fit import fit
+from .fit import TrainingDivergedError, fit
 from .selection import check_selection, choose_lr, split_validation
 from .measure import PeakMemory
 from .preflight import check_before_training
@@ -172,6 +172,9 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
                                                           prepared.task.TASK_KIND, prepared.options)
         with PeakMemory() as memory:
             fitted = fit(prepared, method, recipe, seed, train_examples, validation, run_dir / "trainer", progress)
+            if fitted.diverged:
+                raise TrainingDivergedError(f"{method} seed {seed} diverged at lr {recipe.lr:g} ({lr_source}): "
+                                            f"{fitted.diverged}; nothing of it is published (try a smaller lr)")
             trainer = fitted.trainer
             eval_started = time.perf_counter()
             evaluation = evaluate_model(trainer.model, prepared, recipe, progress)

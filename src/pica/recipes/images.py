@@ -50,7 +50,10 @@ def image_label(value: Any, location: str, field: str) -> int | str:
     Raises:
         ValueError: naming ``location`` and ``field``: missing, empty, boolean, or a non-integral number.
     """
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+    if isinstance(value, bool):
+        raise ValueError(f"{location}: label field {field!r} is a JSON boolean ({str(value).lower()}); write the "
+                         "labels as class names or integers (e.g. \"yes\"/\"no\" or 1/0)")
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{location}: missing or empty label field {field!r}")
     if isinstance(value, (int, np.integer)):
         return int(value)
