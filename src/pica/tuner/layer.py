@@ -64,9 +64,13 @@ def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> Non
         ValueError: a loaded fingerprint belongs to another base weight.
     """
     loaded = module.__dict__.pop("_pica_loading", set())
+    module.pica_unset -= {name for name in module.pica_unset
+                          if f"pica_P.{name}" in loaded and f"pica_fingerprint.{name}" in loaded}
     if any(key.startswith("base_layer.") for key in loaded):
         module.refresh_base_fingerprint()
     for name, stored in module.pica_fingerprint.items():
+        if name in module.pica_unset:  # nothing to compare: P and the fingerprint were never computed
+            continue
         if (f"pica_fingerprint.{name}" in loaded or "base_layer.weight" in loaded) and not stored.is_meta:
             distance = module.fingerprint_distance(name, stored)
             if distance > FINGERPRINT_TOLERANCE:
@@ -116,7 +120,7 @@ class PiCaLayer(BaseTunerLayer):
     """Per-layer state, the lookup of the group's ``M``, and merge logic."""
 
     adapter_layer_names = ()  # the trainable M lives on the tuner, not on layers
-    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme")
+    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme")  # pica_unset: a set
 
     def __init__(self, base_layer: nn.Module, updates: nn.ModuleDict, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -127,6 +131,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_group: dict[str, str] = {}  # adapter → key of its group's M (see grouping.update_key)
         self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → its base_quantization record (quantized.adapter_view)
         self._base_fingerprint: dict[str, torch.Tensor] = {}  # of this base weight, computed at injection
+        self.pica_unset: set[str] = set()  # adapters made on a meta-device base: P never computed nor loaded
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.pica_forward_mode: str = kwargs.pop("forward_mode", "auto")
@@ -160,6 +165,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_group[adapter_name] = group_key
         self.pica_scheme[adapter_name] = scheme
         self.pica_P[adapter_name] = projector
+        (self.pica_unset.add if projector.is_meta else self.pica_unset.discard)(adapter_name)
         self.pica_fingerprint[adapter_name] = fingerprint
         self._base_fingerprint[adapter_name] = fingerprint.detach().clone()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -173,12 +179,24 @@ class PiCaLayer(BaseTunerLayer):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(target)
 
+    def check_projector(self, adapter_name: str) -> None:
+        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base)."""
+        if adapter_name in self.pica_unset:
+            raise RuntimeError(
+                f"PiCa adapter '{adapter_name}': P of this ({self.out_features}×{self.in_features}) layer of group "
+                f"'{self.pica_group[adapter_name]}' was never computed: the adapter was created on a base whose "
+                "weights were on the meta device. Load the adapter's tensors into it (PeftModel.from_pretrained, "
+                "set_peft_model_state_dict, or rank 0's state dict with torch's set_model_state_dict(..., "
+                "broadcast_from_rank0=True)), or create it with get_peft_model on the real weights.")
+
     def get_update(self, adapter_name: str) -> nn.Parameter:
         """The group's ``M``, ``(out_features, rank)``, from the tuner's store.
 
         Raises:
-            RuntimeError: ``M`` is an FSDP shard here (the tuner is not inside a running FSDP unit).
+            RuntimeError: ``M`` is an FSDP shard here (the tuner is not inside a running FSDP unit), or ``P``
+                was never computed (an adapter made on a meta-device base, not loaded since).
         """
+        self.check_projector(adapter_name)
         update = self._pica_updates[adapter_name][self.pica_group[adapter_name]]
         if isinstance(update, _Sharded):
             raise RuntimeError(
