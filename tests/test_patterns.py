@@ -38,3 +38,26 @@ def test_usual_patterns_pass_and_plain_names_start_no_process(monkeypatch):
 def test_an_invalid_pattern_is_named():
     with pytest.raises(PatternCostError, match=r"f: exclude_modules is not a valid regular expression"):
         check_pattern_cost({"exclude_modules": "(unclosed"}, NAMES, "f")
+
+
+def test_peft_model_from_pretrained_refuses_the_issues_file_in_bounded_time(tmp_path, monkeypatch):
+    """Issue: a 653-byte adapter_config.json made ``PeftModel.from_pretrained`` run for minutes (killed after 90 s)."""
+    import json
+
+    from peft import PeftModel, get_peft_model
+
+    from pica import PiCaConfig
+    from pica.io import AdapterFileError
+    from tests.conftest import make_llama, pica_layers
+
+    get_peft_model(make_llama(), PiCaConfig(rank=4)).save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = r"(?:[\w.]+)+!|.*\.(q_proj|k_proj|v_proj|up_proj|down_proj)"
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr(patterns, "PATTERN_SECONDS", 2.0)
+    base = make_llama()
+    started = time.perf_counter()
+    with pytest.raises(AdapterFileError, match=r"adapter_config.json: matching \['target_modules'\] .* more than 2 s"):
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert time.perf_counter() - started < 15 and not pica_layers(base)

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .io import AdapterFileError
+
 __all__ = ["PATTERN_SECONDS", "PatternCostError", "check_pattern_cost", "peft_matches"]
 
 PATTERN_SECONDS = 10.0
@@ -34,7 +36,7 @@ for how, pattern in job["matches"]:
 """
 
 
-class PatternCostError(ValueError):
+class PatternCostError(AdapterFileError):
     """An adapter file's patterns are invalid or take too long to match the model's module names."""
 
 
@@ -67,18 +69,19 @@ def _plain(matches: Iterable[tuple[str, str, str]], config: Mapping[str, Any]) -
 
 
 def check_pattern_cost(config: Mapping[str, Any], names: Iterable[str], source: str,
-                       seconds: float = PATTERN_SECONDS) -> None:
+                       seconds: float | None = None) -> None:
     """Refuse a config whose patterns are invalid, or do not match ``names`` within ``seconds``.
 
     Args:
         config: the adapter config's fields as read from ``source``.
         names: every module name of the model peft will match.
         source: the file, for messages.
-        seconds: the time limit.
+        seconds: the time limit (default :data:`PATTERN_SECONDS`).
 
     Raises:
         PatternCostError: naming the file and field (and the pattern).
     """
+    seconds = PATTERN_SECONDS if seconds is None else seconds
     matches = peft_matches(config)
     if not matches or _plain(matches, config):
         return

@@ -32,7 +32,7 @@ from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "merged_adapter_names", "pica_layers",
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "fingerprint_mismatches", "merged_adapter_names", "pica_layers",
            "refuse_quantized_merge"]
 
 
@@ -48,35 +48,53 @@ def merged_adapter_names(model: nn.Module) -> list[str]:
     return sorted({name for _, layer in pica_layers(model) for name in layer.merged_adapters})
 
 
+def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tensor]]) -> str | None:
+    """The fingerprint check, for every load route: which stored fingerprints belong to another base weight.
+
+    Args:
+        stored: ``(module name, layer, adapter name, stored (FINGERPRINT_SIZE,) fingerprint)`` per layer.
+
+    Returns:
+        The refusal naming the modules (with a hint if a base is quantised), or None if all match.
+    """
+    mismatched, quantized = [], False
+    for name, layer, adapter_name, fingerprint in stored:
+        if not layer.pica_fingerprint[adapter_name].is_meta and not fingerprint.is_meta:
+            distance = layer.fingerprint_distance(adapter_name, fingerprint)
+            if distance > FINGERPRINT_TOLERANCE:
+                mismatched.append(f"{name} (distance {distance:.3g})")
+                quantized = quantized or is_quantized(layer.get_base_layer())
+    if not mismatched:
+        return None
+    hint = (" (this base is quantised: if the adapter was trained on full-precision weights, PiCa cannot reproduce "
+            "them from the quantised ones; load it onto the full-precision base, or train on the quantised one)"
+            if quantized else "")
+    return (f"the adapter was trained on a different base model{hint}: a different base weight at {len(mismatched)} "
+            f"module(s): {', '.join(mismatched[:6])}")
+
+
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: remember whether this call loads the base weight or a fingerprint."""
-    module._pica_loading = {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)}
+    """``load_state_dict`` pre-hook: remember this layer's name and whether the call loads its base weight or
+    a fingerprint."""
+    module._pica_loading = (prefix.rstrip("."), {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)})
 
 
 def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: a fingerprint loaded by any route must match this base weight.
-
-    Loads through ``PeftModel.from_pretrained`` are checked before anything is loaded
-    (:mod:`pica.tuner.loading`); this covers the others (a raw ``load_state_dict``,
-    ``set_peft_model_state_dict``, Trainer checkpoints), so no check is needed at forward time.
+    """``load_state_dict`` post-hook: a fingerprint loaded by any route must match this base weight (loads through
+    peft meet the same check, :func:`fingerprint_mismatches`, before anything is loaded: :mod:`pica.tuner.loading`).
 
     Raises:
         ValueError: a loaded fingerprint belongs to another base weight.
     """
-    loaded = module.__dict__.pop("_pica_loading", set())
-    module.pica_unset -= {name for name in module.pica_unset
-                          if f"pica_P.{name}" in loaded and f"pica_fingerprint.{name}" in loaded}
+    name, loaded = module.__dict__.pop("_pica_loading", ("", set()))
+    module.pica_unset -= {adapter for adapter in module.pica_unset
+                          if f"pica_P.{adapter}" in loaded and f"pica_fingerprint.{adapter}" in loaded}
     if any(key.startswith("base_layer.") for key in loaded):
         module.refresh_base_fingerprint()
-    for name, stored in module.pica_fingerprint.items():
-        if name in module.pica_unset:  # nothing to compare: P and the fingerprint were never computed
-            continue
-        if (f"pica_fingerprint.{name}" in loaded or "base_layer.weight" in loaded) and not stored.is_meta:
-            distance = module.fingerprint_distance(name, stored)
-            if distance > FINGERPRINT_TOLERANCE:
-                raise ValueError(f"PiCa adapter '{name}' was trained on a different base weight than this "
-                                 f"({module.out_features}×{module.in_features}) layer of group "
-                                 f"'{module.pica_group[name]}' (fingerprint distance {distance:.3g})")
+    adapters = [a for a in module.pica_fingerprint if a not in module.pica_unset  # never computed: nothing to compare
+                and (f"pica_fingerprint.{a}" in loaded or "base_layer.weight" in loaded)]
+    if mismatch := fingerprint_mismatches([(name, module, a, module.pica_fingerprint[a]) for a in adapters]):
+        raise ValueError(f"PiCa adapter(s) {adapters}: {mismatch}")
 
 
 def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
