@@ -21,7 +21,7 @@ the host's defaults, and one row per save setting × load setting × dtype × st
 writes the tables as markdown.
 
     PYTHONPATH=src python benchmarks/cpu_kernels.py --out benchmarks/results/cpu_kernels.json \\
-        --markdown docs/cpu_kernels_table.md
+        --markdown docs/cpu_kernels.md
 """
 
 from __future__ import annotations
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         # The workers never use bitsandbytes; peft imports it when installed, which costs ~1 s of CPU per process
-        # and, on AVX512-BF16 CPUs with the ``kernels`` package installed, a Hub lookup (docs/kernels_offline.md).
+        # and, on AVX512-BF16 CPUs with the ``kernels`` package installed, a Hub lookup (docs/quantized.md, "The kernels package").
         sys.modules.setdefault("bitsandbytes", None)
         return worker(args.worker, args.workdir)
     names = {"all": tuple(SETTINGS), "test": TEST_SETTINGS}.get(args.settings) or tuple(args.settings.split(","))

@@ -10,7 +10,7 @@ A setting that changes no computation would test nothing, so each one must chang
 computation on this host, or be skipped here with the reason it cannot (the skip names it: e.g. on the AMD
 CPU this was written on, oneMKL reports the same generic target and computes bitwise the same whatever
 ``MKL_ENABLE_INSTRUCTIONS`` says, and ``avx512`` is the capability an AVX-512 host runs anyway). Measured
-table: docs/cpu_kernels_table.md.
+table: docs/cpu_kernels.md.
 """
 
 from __future__ import annotations
