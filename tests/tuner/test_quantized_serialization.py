@@ -87,7 +87,8 @@ def test_another_quantisation_than_recorded_is_refused_naming_both(llama_dir, tm
     assert not pica_layers(model)
 
 
-def test_export_merged_from_a_4bit_base_writes_full_precision_dequantised_weights(llama_dir, tmp_path, caplog, bnb_layout):
+def test_export_merged_from_a_4bit_base_writes_full_precision_dequantised_weights(llama_dir, tmp_path, caplog,
+                                                                                   bnb_layout):  # noqa: F811
     model, logits, _ = _trained(llama_dir, "nf4", tmp_path)
     layers = pica_layers(model)
     with caplog.at_level(logging.WARNING, logger="pica.export"):

@@ -103,8 +103,6 @@ def test_positions_in_a_sequential_get_their_own_m_and_layers_share():
 
 
 def test_adapters_of_pica_0_1_with_positions_wildcarded_load_where_one_role_and_are_refused_where_merged(tmp_path):
-    import json
-
     from safetensors.torch import load_file, save_file
 
     from pica.io import AdapterFileError

@@ -123,3 +123,23 @@ def _object(row: Any, location: str) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{location}: each row must be a JSON object, got {type(row).__name__}")
     return row
+
+
+def load_datasets_source(source: str, refusal: str):
+    """A ``datasets`` source ``NAME[:CONFIG][@SPLIT]`` (split default ``train``), loaded.
+
+    Args:
+        source: the source string.
+        refusal: the start of the error message (e.g. ``"classify: cannot load 'x' as a file or"``).
+
+    Raises:
+        ValueError: ``refusal`` + `` a datasets source NAME[:CONFIG][@SPLIT]: <why>``.
+    """
+    spec, _, split = source.partition("@")
+    name, _, config = spec.partition(":")
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(name, config or None, split=split or "train")
+    except Exception as error:  # hub unreachable, unknown name, bad split
+        raise ValueError(f"{refusal} a datasets source NAME[:CONFIG][@SPLIT]: {error}") from None

@@ -19,8 +19,6 @@ Layout of a cached checkpoint: ``<cache>/<gguf stem>-<sha256[:16]>/`` with ``con
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,32 +27,21 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..io import atomic_directory
+from .conversion_cache import CACHE_ENV, cache_entry, file_sha256, valid_entry, write_entry
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_ENV", "MARKER_FILE", "default_cache_dir", "dequantized_checkpoint", "file_sha256",
            "rebuild_plain_model"]
 
-CACHE_ENV = "PICA_CACHE_DIR"
-"""Environment variable overriding the cache folder (default ``~/.cache/pica``)."""
+
 MARKER_FILE = "pica_gguf.json"
 """Written last into a converted checkpoint: where it came from (its presence marks a complete entry)."""
 
 
 def default_cache_dir() -> Path:
-    """``$PICA_CACHE_DIR/gguf`` if set, else ``~/.cache/pica/gguf``."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() / "gguf" if root else Path.home() / ".cache" / "pica" / "gguf"
-
-
-def file_sha256(path: Union[str, os.PathLike], chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """``$PICA_CACHE_DIR/gguf`` if set, else ``~/.cache/pica/gguf`` (see :mod:`pica.recipes.conversion_cache`)."""
+    return cache_entry("gguf", Path("x"), "").parent
 
 
 def rebuild_plain_model(loaded: nn.Module) -> nn.Module:
@@ -100,16 +87,6 @@ def rebuild_plain_model(loaded: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def _valid_entry(directory: Path, sha256: str) -> bool:
-    marker = directory / MARKER_FILE
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("sha256") == sha256
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def dequantized_checkpoint(gguf_path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None,
                            *, overwrite: bool = False) -> Path:
     """Directory of a plain float32 safetensors checkpoint (+ tokenizer) of a GGUF causal LM, cached.
@@ -129,15 +106,13 @@ def dequantized_checkpoint(gguf_path: Union[str, os.PathLike], cache_dir: Option
             (the message names the file).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    import transformers
 
     source = Path(gguf_path).expanduser().resolve()
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file not found: {source}")
     sha256 = file_sha256(source)
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = target / f"{source.stem}-{sha256[:16]}"
-    if not overwrite and _valid_entry(target, sha256):
+    target = cache_entry("gguf", source, sha256, cache_dir)
+    if not overwrite and valid_entry(target, MARKER_FILE, sha256):
         logger.info("GGUF %s: using the de-quantised checkpoint cached in %s", source.name, target)
         return target
     logger.info("GGUF %s: de-quantising into %s (once; later runs reuse it)", source.name, target)
@@ -151,16 +126,10 @@ def dequantized_checkpoint(gguf_path: Union[str, os.PathLike], cache_dir: Option
     except ValueError as error:
         raise ValueError(f"GGUF {source}: {error}") from None
     del loaded
-    marker = {"source": str(source), "size_bytes": source.stat().st_size, "sha256": sha256,
-              "architecture": type(plain).__name__, "dtype": "float32",
-              "transformers": transformers.__version__, "torch": torch.__version__}
-    try:
-        with atomic_directory(target, overwrite=target.exists(), what="GGUF cache") as staging:
-            plain.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    except OSError:
-        if _valid_entry(target, sha256):  # another process finished the same conversion first
-            return target
-        raise
-    return target
+
+    def save(staging: Path) -> None:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    return write_entry(target, MARKER_FILE, source, sha256, "GGUF cache", save,
+                       architecture=type(plain).__name__, dtype="float32")

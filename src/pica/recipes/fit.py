@@ -183,7 +183,7 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
         prepared: the :class:`pica.recipes.harness.PreparedRun` (task, options, tokenizer).
         output_dir: Trainer's output directory (checkpoints); the caller removes it.
     """
-    task, options, tokenizer, kind = prepared.task, prepared.options, prepared.tokenizer, prepared.task.TASK_KIND
+    task, options, tokenizer = prepared.task, prepared.options, prepared.tokenizer
     model, heads, init_seconds = build_model(prepared, method, recipe, seed, progress)
     params = parameter_split(model, heads)
     logger.info("%s: trainable %s", method, params)

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .data_files import DATA_SUFFIXES, iter_rows
+from .data_files import DATA_SUFFIXES, iter_rows, load_datasets_source
 
 logger = logging.getLogger(__name__)
 
@@ -158,15 +158,7 @@ def _table_rows(path: Path, options: dict[str, Any]) -> Iterator[tuple[str, str,
 
 def _dataset_rows(source: str, options: dict[str, Any]) -> Iterator[tuple[str, Any, Any]]:
     """``(location, decoded picture, label)`` of a ``datasets`` source ``NAME[:CONFIG][@SPLIT]``."""
-    spec, _, split = source.partition("@")
-    name, _, config = spec.partition(":")
-    try:
-        from datasets import load_dataset
-
-        data = load_dataset(name, config or None, split=split or "train")
-    except Exception as error:  # hub unreachable, unknown name, bad split
-        raise ValueError(f"image-classify: cannot load {source!r} as a folder, a data file or a datasets source "
-                         f"NAME[:CONFIG][@SPLIT]: {error}") from None
+    data = load_datasets_source(source, f"image-classify: cannot load {source!r} as a folder, a data file or")
     label_field = options.get("label_field", "label")
     label_names = getattr(data.features.get(label_field), "names", None)
     field = options.get("image_field")

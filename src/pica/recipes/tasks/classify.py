@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
-from ..data_files import DATA_SUFFIXES, iter_rows
+from ..data_files import DATA_SUFFIXES, iter_rows, load_datasets_source
 
 TASK_KIND = "classification"
 
@@ -71,15 +71,7 @@ def _rows(source: str | os.PathLike, encoding: str):
     if path.exists() or path.suffix.lower() in DATA_SUFFIXES:
         yield from iter_rows(path, encoding=encoding)
         return
-    spec, _, split = str(source).partition("@")
-    name, _, config = spec.partition(":")
-    try:
-        from datasets import load_dataset
-
-        data = load_dataset(name, config or None, split=split or "train")
-    except Exception as error:  # hub unreachable, unknown name, bad split
-        raise ValueError(f"classify: cannot load {source!r} as a file or a datasets source "
-                         f"NAME[:CONFIG][@SPLIT]: {error}") from None
+    data = load_datasets_source(str(source), f"classify: cannot load {str(source)!r} as a file or")
     for index, row in enumerate(data):
         yield f"{source}[{index}]", row
 
