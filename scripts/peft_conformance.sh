@@ -32,21 +32,36 @@ if [[ ! -d "$SITE/diffusers" ]]; then
     rm -rf "$SITE" && mv "$SITE.partial" "$SITE"
 fi
 
+TRANSFORMERS_VERSION="$("$PYTHON" -c 'import transformers; print(transformers.__version__)')"
+STANDINS_VERSION="$(PYTHONPATH="$ROOT/scripts/peft_conformance" "$PYTHON" -c 'from pica_conformance.standins import VERSION; print(VERSION)')"
+STANDINS="$CACHE/stand-ins-v$STANDINS_VERSION-transformers-$TRANSFORMERS_VERSION"  # built by the plugin if missing
+
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/pica-peft-conformance.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 tar -xzf "$SDIST" -C "$WORK" "peft-$PEFT_VERSION/tests" "peft-$PEFT_VERSION/pyproject.toml"
 SUITE="$WORK/peft-$PEFT_VERSION"
+# peft's pyproject turns transformers' FutureWarnings into errors, and peft 0.21.2 calls two names that the
+# installed transformers 5.x deprecates: PeftModel.__init__ reads model.is_gradient_checkpointing (so every
+# get_peft_model on a transformers model, any method, would fail test_decoder_models.py) and testing_common.py
+# calls model.gradient_checkpointing_enable. -W filters apply after the ini ones: these two messages only are
+# ignored.
 # The sdist's tests/ lacks the package marker its relative imports need (peft's git repo has one).
 touch "$SUITE/tests/__init__.py"
 
+FULL="${PICA_CONFORMANCE_FULL:-}"
+[[ "$FULL" == 0 ]] && FULL=""
+FILES="${PICA_CONFORMANCE_FILES:-tests/test_custom_models.py tests/test_config.py tests/test_decoder_models.py}"
 COMMAND="bash scripts/peft_conformance.sh${*:+ $*}"
 cd "$SUITE"
 set +e
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 PYTHONPATH="$ROOT/scripts/peft_conformance:$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH}" \
     "$PYTHON" -m pytest -p pica_conformance.plugin -o addopts="" -p no:cacheprovider -q -rN \
+    -W 'ignore:`is_gradient_checkpointing` is deprecated:FutureWarning' \
+    -W 'ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning' \
     --pica-peft-version "$PEFT_VERSION" --pica-summary "$OUT" --pica-command "$COMMAND" \
-    tests/test_custom_models.py tests/test_config.py "$@"
+    --pica-standins "$STANDINS" ${FULL:+--pica-full} \
+    $FILES "$@"
 STATUS=$?
 set -e
 echo "summary: $OUT" >&2
