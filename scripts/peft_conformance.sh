@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # PiCa against PEFT's own test suite, as a contributor would run it (tiny models, CPU, offline after the
 # first run). Downloads the peft sdist of the installed (pinned) version into a cache, extracts its tests/
-# into a scratch directory, and runs test_custom_models.py and test_config.py with the PiCa rows added at
-# collection time by scripts/peft_conformance/pica_conformance (no peft file is edited or stored here).
+# into a scratch directory, and runs test_custom_models.py, test_config.py and test_decoder_models.py with the
+# PiCa rows and tests added at collection time by scripts/peft_conformance/pica_conformance (no peft file is
+# edited or stored here). The decoder tests' Hub models are replaced by local random stand-ins of the same
+# architectures (pica_conformance/standins.py), built once into the cache.
 #
 #   bash scripts/peft_conformance.sh [extra pytest args, e.g. -k "Vanilla and MLP"]
 #
 # Env: PYTHON (default .venv/bin/python), PICA_CONFORMANCE_CACHE (default ~/.cache/pica/peft_conformance),
-#      PICA_CONFORMANCE_OUT (default benchmarks/results/peft_conformance.json).
-# Not run: test_decoder_models.py (its hub models are unavailable offline; see benchmarks/README.md).
+#      PICA_CONFORMANCE_OUT (default benchmarks/results/peft_conformance.json),
+#      PICA_CONFORMANCE_FULL=1: the full contract (every PiCa row, decoder tests on all six stand-ins); default:
+#      the fast set run by scripts/test.sh (fewer custom-model rows, decoder tests on GPT-2 and Llama),
+#      PICA_CONFORMANCE_FILES: the peft test files to run (default: the three above).
 # Exit status: pytest's; non-zero if a PiCa item failed or an expectation in
 # scripts/peft_conformance/pica_conformance/expectations.py matched nothing.
 set -euo pipefail
@@ -51,7 +55,7 @@ touch "$SUITE/tests/__init__.py"
 FULL="${PICA_CONFORMANCE_FULL:-}"
 [[ "$FULL" == 0 ]] && FULL=""
 FILES="${PICA_CONFORMANCE_FILES:-tests/test_custom_models.py tests/test_config.py tests/test_decoder_models.py}"
-COMMAND="bash scripts/peft_conformance.sh${*:+ $*}"
+COMMAND="${FULL:+PICA_CONFORMANCE_FULL=1 }bash scripts/peft_conformance.sh${*:+ $*}"
 cd "$SUITE"
 set +e
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \

@@ -3,8 +3,12 @@
 1. Imports pica (which registers PiCa with peft) and checks that the installed peft is the version whose
    test suite is being run (``--pica-peft-version``).
 2. When a peft test module named in :mod:`.rows` is collected, extends its tables with the PiCa rows
-   (:func:`.tables.extend_tables`; the downloaded files are not edited).
-3. Keeps only PiCa items (an item whose parameters hold ``PiCaConfig`` or a ``PiCaConfig`` instance);
+   (:func:`.tables.extend_tables`) and its inline parametrize lists (:func:`.tables.extend_inline`), binds the
+   PiCa tests of :mod:`.added` into their classes, and points the Hub model ids of ``test_decoder_models.py``
+   at local stand-ins (:mod:`.standins`, ``--pica-standins``; :func:`.tables.replace_values`, test ids kept).
+   The downloaded files are not edited. ``--pica-full``: every row and stand-in; default: the fast set.
+3. Keeps only PiCa items (an added PiCa test, or an item whose parameters hold ``PiCaConfig``, a partial of
+   it or a ``PiCaConfig`` instance);
    the others are deselected and counted per file as ``not_pica``. Applies :mod:`.expectations`.
 4. Records every outcome and writes the JSON summary (``--pica-summary``); the run fails if any PiCa item
    failed or an expectation matched nothing.

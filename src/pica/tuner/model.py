@@ -303,8 +303,9 @@ class PiCaModel(BaseTuner):
                 broken += [a for a in non_finite_alone(weight, deltas) if a not in broken]
         if bad:
             # peft's wording first (callers match on it), then which modules
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be broken: "
-                             f"NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; nothing merged")
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be "
+                             f"broken: NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; "
+                             "nothing merged")
 
     # ------------------------------------------------------------------ adapter files (peft's hooks)
 
