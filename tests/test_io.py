@@ -117,3 +117,18 @@ def test_check_safetensors_file_reads_only_the_header(tmp_path):
     path.write_bytes(path.read_bytes() + b"\0")  # one byte too many is also inconsistent
     with pytest.raises(AdapterFileError, match="w.safetensors is not a valid safetensors file"):
         check_safetensors_file(path)
+
+
+def test_a_failed_first_save_leaves_no_empty_directories(tmp_path):
+    target = tmp_path / "new" / "adapter"
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_directory_update(target) as staging:
+            (staging / "weights").write_text("half")
+            raise RuntimeError("writer failed")
+    assert not (tmp_path / "new").exists()
+    target.mkdir(parents=True)
+    (target / "mine.txt").write_text("kept")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_directory_update(target) as staging:
+            raise RuntimeError("writer failed")
+    assert _listing(target) == {"mine.txt": b"kept"}

@@ -117,6 +117,11 @@ class _MergedPiCaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: x Pᵀ is saved as a constant, so a second derivative would be wrong
+            raise RuntimeError(
+                "PiCa's merged forward form (PiCaConfig.forward_mode 'auto' picks it for large inputs, or 'merged'/"
+                "'merged_keep') supports first-order gradients only; for higher-order gradients (create_graph=True, "
+                "double backward, Hessian-vector products) use PiCaConfig(forward_mode='factored')")
         coordinates, weight, projector, update, kept, x = ctx.saved_tensors
         x_grad, weight_grad, bias_grad, _, update_grad = ctx.needs_input_grad[:5]
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)

@@ -1,22 +1,28 @@
 """Which targeted layers share one ``M``: the *role* of a module path.
 
-A role is the module path with every purely numeric component (layer index, expert index)
-replaced by ``*``: ``model.layers.3.self_attn.q_proj`` → ``model.layers.*.self_attn.q_proj``.
-Leaf names alone are not enough: BERT has both ``attention.output.dense`` and ``output.dense``, and
-multimodal models have a ``q_proj`` in each tower.
+A role is the module path with the index of each *repetition* replaced by ``*``: the layer index
+(``model.layers.3.self_attn.q_proj`` → ``model.layers.*.self_attn.q_proj``) and the expert index of a
+mixture of experts. Other numbers are positions and name distinct roles: in a block whose MLP is an
+``nn.Sequential`` (``ff.0`` Linear, ``ff.1`` GELU, ``ff.2`` Linear) ``ff.0`` and ``ff.2`` are two roles.
+:func:`roles` tells the two apart from the model's structure: a numbered component is a repetition
+when the modules it numbers are of one class (for a targeted layer that is itself numbered: all its
+numbered siblings; above it: the modules at that position of every layer of the role). Leaf names
+alone are not enough: BERT has both ``attention.output.dense`` and ``output.dense``, and multimodal
+models have a ``q_proj`` in each tower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .naming import parse_module_path
 
-__all__ = ["group_of", "update_key", "validate_groups"]
+__all__ = ["group_of", "roles", "update_key", "validate_groups"]
 
 
 def group_of(module_name: str, share_across_layers: bool) -> str:
-    """The group key of a targeted module.
+    """The group key of a module path with *every* number wildcarded (pica 0.1's roles; :func:`roles`
+    keeps the numbers that are positions, which needs the model).
 
     Args:
         module_name: dotted module path, e.g. ``model.layers.3.self_attn.q_proj``.
@@ -28,6 +34,42 @@ def group_of(module_name: str, share_across_layers: bool) -> str:
     if not share_across_layers:
         return module_name
     return parse_module_path(module_name).role
+
+
+def roles(names: Sequence[str], class_of: Callable[[str], str], numbered_children: Callable[[str], list[str]],
+          share_across_layers: bool = True) -> dict[str, str]:
+    """The group key of each targeted module, from the model's structure (see the module docstring).
+
+    Args:
+        names: dotted paths of the targeted modules.
+        class_of: path → class name of the module there.
+        numbered_children: path → class names of that module's numbered children (``nn.ModuleList``,
+            ``nn.Sequential`` entries).
+        share_across_layers: if False every module is its own group.
+
+    Returns:
+        module path → role, e.g. ``model.layers.*.self_attn.q_proj``, ``blocks.*.ff.0``.
+    """
+    if not share_across_layers:
+        return {name: name for name in names}
+    candidates: dict[str, list[list[str]]] = {}  # every number wildcarded → the members' components
+    for name in names:
+        candidates.setdefault(group_of(name, True), []).append(name.split("."))
+    result = {}
+    for members in candidates.values():
+        positions = [i for i, part in enumerate(members[0]) if part.isdecimal()]
+        kept = set()
+        for i in positions:
+            if i == len(members[0]) - 1:  # the targeted layer is itself numbered: are all its siblings alike?
+                uniform = all(len(set(numbered_children(".".join(parts[:i])))) == 1 for parts in members)
+            else:  # a block above it: the same class at this position in every layer of the role?
+                uniform = len({class_of(".".join(parts[:i + 1])) for parts in members}) == 1
+            if not uniform:
+                kept.add(i)
+        for parts in members:
+            result[".".join(parts)] = ".".join("*" if i in positions and i not in kept else part
+                                               for i, part in enumerate(parts))
+    return result
 
 
 def update_key(group: str) -> str:

@@ -182,3 +182,49 @@ def test_full_and_probe_save_models_and_train_the_right_parameters(data, tmp_pat
                      data["eval"]]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["kind"] == "model" and printed["metrics"] == pytest.approx(run["metrics"])
+
+
+def test_a_diverged_run_is_a_failed_run_not_a_published_result(data, tmp_path):
+    """Issue: ``--lr 1e30`` published NaN adapters with accuracy 0.5, ``failed: []`` and exit 0."""
+    out = tmp_path / "out"
+    args = ["--no-progress", "train", "--model", data["model"], "--train-data", data["train"], "--eval-data",
+            data["eval"], "--method", "pica", "lora", "--rank", "4", "--max-steps", "3", "--batch-size", "8",
+            "--max-length", "16", "--output-dir", str(out), "--per-method", '{"pica": {"lr": 1e30}}']
+    assert main(args) == 1
+    results = json.loads((out / "results.json").read_text())
+    assert [f["method"] for f in results["failed"]] == ["pica"] and "diverged" in results["failed"][0]["error"]
+    assert "non-finite" in (out / "pica" / "seed0" / "error.txt").read_text()
+    assert not (out / "pica" / "seed0" / "adapter").exists() and (out / "lora" / "seed0" / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("flags, message", [(["--lr", "inf"], "lr must be a finite number"),
+                                            (["--lr", "nan"], "lr must be a finite number"),
+                                            (["--lr", "-1"], "lr must be > 0"),
+                                            (["--seeds", "0", "0"], r"seeds: duplicates in \[0, 0\]"),
+                                            (["--lora-dropout", "1.5"], r"lora_dropout must be in \[0, 1\)"),
+                                            (["--scheduler", "wobbly"], "scheduler must be one of"),
+                                            (["--lr-grid", "1e-3", "inf", "--lr", "auto"], "lr_grid must be")])
+def test_option_values_are_refused_before_anything_loads(data, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    args = ["--no-progress", "train", "--model", "./not/loaded", "--train-data", data["train"],
+            "--output-dir", str(out), *flags]
+    assert main(args) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_json_boolean_labels_are_named_as_such(data, tmp_path):
+    bad = tmp_path / "bool.jsonl"
+    bad.write_text('{"sentence": "good", "label": true}\n')
+    with pytest.raises(ValueError, match=r"bool.jsonl:1: label field 'label' is a JSON boolean \(true\)"):
+        prepare(_recipe(data, tmp_path, eval_data=str(bad)))
+
+
+def test_under_lr_auto_a_diverging_grid_value_is_scored_worst_not_a_failure(data, tmp_path):
+    out = tmp_path / "out"
+    args = ["--no-progress", "train", "--model", data["model"], "--train-data", data["train"], "--eval-data",
+            data["eval"], "--method", "pica", "--rank", "4", "--max-steps", "3", "--batch-size", "8", "--max-length",
+            "16", "--output-dir", str(out), "--lr", "auto", "--lr-grid", "0.005", "1e30"]
+    assert main(args) == 0
+    search = json.loads((out / "pica" / "seed0" / "results.json").read_text())["lr_search"]
+    assert search["chosen"] == 0.005 and math.isnan(search["validation"]["1e+30"])

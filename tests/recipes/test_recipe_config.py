@@ -58,4 +58,4 @@ def test_every_shipped_recipe_resolves():
     assert len(recipes) >= 5
     for path in recipes:
         resolved = resolve_recipe(path)
-        assert resolved.task in ("classify", "math", "commonsense"), path
+        assert resolved.task in ("classify", "image-classify", "math", "commonsense"), path

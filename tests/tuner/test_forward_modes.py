@@ -133,3 +133,79 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode, reentrant):
     assert grads.keys() == expected.keys()
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), name
+
+
+def _layer_model(mode: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)),
+                           PiCaConfig(rank=4, target_modules=["0", "2"], forward_mode=mode))
+    randomize_updates(model, seed=1)
+    return model
+
+
+def _m(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["auto", "merged", "merged_keep"])
+def test_double_backward_through_a_merged_form_names_the_option(mode):
+    """Issue: a Hessian-vector product under the default ``auto`` was 0.69 off (the op saved ``x Pᵀ`` as a constant)."""
+    model = _layer_model(mode)
+    x = torch.randn(64, 16)  # 64 tokens: ``auto`` picks the merged form
+    assert all(layer._use_merged_form(x, "default") for layer in pica_layers(model).values())
+    params = list(_m(model).values())
+    grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=False)  # first order: fine
+    assert all(torch.isfinite(g).all() for g in grads)
+    with pytest.raises(RuntimeError, match=r"PiCa's merged forward form .*forward_mode='factored'"):
+        torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+
+
+def test_hessian_vector_product_in_the_factored_form_matches_finite_differences():
+    model = _layer_model("factored").double()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    params = list(_m(model).values())
+    direction = [torch.randn_like(p) for p in params]
+    grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, direction)), params)
+    step = 1e-6
+
+    def gradient_at(sign: float) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * step * d)
+        result = torch.autograd.grad(model(x).pow(2).sum(), params)
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * step * d)
+        return result
+
+    finite = [(a - b) / (2 * step) for a, b in zip(gradient_at(1.0), gradient_at(-1.0))]
+    for exact, approx in zip(hvp, finite):
+        assert torch.allclose(exact, approx, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["auto", "merged"])
+def test_torch_func_and_forward_ad_use_the_factored_form_and_agree_with_it(mode):
+    from torch.autograd import forward_ad
+    from torch.func import functional_call, grad, jvp, vmap
+
+    reference, model = _layer_model("factored"), _layer_model(mode)
+    x = torch.randn(64, 16)
+    params = {name: p.detach() for name, p in _m(model).items()}
+    tangent = {name: torch.randn_like(p) for name, p in params.items()}
+
+    def loss(module):
+        return lambda p, inputs: functional_call(module, p, (inputs,)).pow(2).sum()
+
+    expected = grad(loss(reference))(params, x)
+    assert all(torch.allclose(grad(loss(model))(params, x)[k], v, atol=1e-5) for k, v in expected.items())
+    primal, derivative = jvp(lambda p: loss(model)(p, x), (params,), (tangent,))
+    _, expected_derivative = jvp(lambda p: loss(reference)(p, x), (params,), (tangent,))
+    assert torch.allclose(derivative, expected_derivative, rtol=1e-5)
+    batched = vmap(lambda row: functional_call(model, params, (row,)))(x.view(8, 8, 16))
+    assert torch.allclose(batched, functional_call(reference, params, (x.view(8, 8, 16),)), atol=1e-6)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        out = forward_ad.unpack_dual(model(dual)).tangent
+        expected_out = forward_ad.unpack_dual(reference(dual)).tangent
+    assert torch.allclose(out, expected_out, atol=1e-5)

@@ -80,3 +80,58 @@ def test_peft_inject_adapter_in_model_refuses_pica():
     with pytest.raises(ValueError, match="shared state"):
         inject_adapter_in_model(PiCaConfig(rank=4), base)
     assert not pica_layers(base) and torch.equal(model_output(base, example_inputs("llama")), reference)
+
+
+class _SequentialMlpBlock(torch.nn.Module):
+    """A block whose MLP is an ``nn.Sequential``: ``ff.0`` and ``ff.2`` are two roles of equal shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(16, 16)
+        self.ff = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+
+    def forward(self, x):
+        return x + self.ff(self.attn(x))
+
+
+def test_positions_in_a_sequential_get_their_own_m_and_layers_share():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_SequentialMlpBlock() for _ in range(3)])
+    peft_model = get_peft_model(model, PiCaConfig(rank=4, target_modules=r".*\.(attn|ff\.0|ff\.2)"))
+    groups = {layer.pica_group["default"] for layer in pica_layers(peft_model).values()}
+    assert groups == {"*/attn", "*/ff/0", "*/ff/2"}
+
+
+def test_adapters_of_pica_0_1_with_positions_wildcarded_load_where_one_role_and_are_refused_where_merged(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pica.io import AdapterFileError
+
+    def blocks():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[_SequentialMlpBlock() for _ in range(3)])
+
+    for targets, refused in ((r".*\.(attn|ff\.0)", False), (r".*\.(attn|ff\.0|ff\.2)", True)):
+        model = get_peft_model(blocks(), PiCaConfig(rank=4, target_modules=targets))
+        randomize_updates(model)
+        directory = tmp_path / targets.replace("|", "_").replace("\\", "").replace("*", "")
+        model.save_pretrained(directory)
+        tensors = load_file(directory / "adapter_model.safetensors")
+        old = {}
+        for key, value in tensors.items():  # pica 0.1 wrote M keys with every number wildcarded
+            old_key = key.replace("ff/0", "ff/*").replace("ff/2", "ff/*")
+            if old_key in old:  # the two roles had one M then
+                continue
+            old[old_key] = value
+        save_file(old, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+        if refused:
+            with pytest.raises(AdapterFileError, match=r"M '\*/ff/\*' was trained as one M shared by \['\*/ff/0', "
+                                                       r"'\*/ff/2'\]: pica 0.1 merged positions"):
+                PeftModel.from_pretrained(blocks(), directory)
+        else:
+            loaded = PeftModel.from_pretrained(blocks(), directory)
+            x = torch.randn(2, 16)
+            with torch.no_grad():
+                assert torch.equal(loaded(x), model(x))

@@ -79,3 +79,33 @@ def test_copies_and_moves_keep_an_adapter_that_saves_and_loads(operation, tmp_pa
     assert torch.equal(_logits(model), logits)
     model.save_pretrained(tmp_path / "adapter")
     assert torch.equal(_logits(PeftModel.from_pretrained(make_llama(), tmp_path / "adapter")), logits)
+
+
+def test_an_adapter_made_on_a_meta_base_says_its_p_was_never_computed_until_loaded(tmp_path):
+    """Issue: after ``to_empty()`` and the real weights, the model claimed "trained on a different base weight"."""
+    from peft import set_peft_model_state_dict
+
+    real = _adapted()
+    real.save_pretrained(tmp_path / "real")
+    with torch.device("meta"):
+        base = make_llama()
+    model = get_peft_model(base, PiCaConfig(rank=4))  # allowed: ranks that hold no weights (FSDP rank-0 loading)
+    model.to_empty(device="cpu")
+    source = make_llama()
+    weights = source.state_dict()
+    plain = {key: weights[key.replace(".base_layer", "")] for key in model.base_model.model.state_dict()
+             if ".pica_" not in key and key.replace(".base_layer", "") in weights}
+    model.base_model.model.load_state_dict(plain, strict=False)  # the real base weights: no bogus refusal
+    with torch.no_grad():  # to_empty also emptied the non-persistent rotary buffer (transformers', not pica's)
+        for key, value in source.named_buffers():
+            if key not in weights:
+                model.base_model.model.get_buffer(key).copy_(value)
+    for attempt in (lambda: model(INPUTS), lambda: model.save_pretrained(tmp_path / "bad"),
+                    lambda: model.merge_adapter()):
+        with pytest.raises(RuntimeError, match=r"P of this \(\d+×\d+\) layer .* was never computed: .*meta device"):
+            attempt()
+    assert not (tmp_path / "bad").exists()
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(tmp_path / "real" / "adapter_model.safetensors"))
+    assert torch.equal(_logits(model), _logits(real))

@@ -122,10 +122,12 @@ def load_pairs(item: AnalysisInput):
         tuned = AutoModel.from_pretrained(str(item.directory), dtype=torch.float32)
         return weight_pairs(base, tuned)
     recorded = adapter_config(item.directory)
+    modality = "text"
     if item.info.get("task"):
-        from ..recipes.tasks import get_task
+        from ..recipes.tasks import get_task, task_modality
 
-        task_kind = get_task(item.info["task"]).TASK_KIND
+        task = get_task(item.info["task"])
+        task_kind, modality = task.TASK_KIND, task_modality(task)
     else:
         task_kind = {"SEQ_CLS": "classification", "CAUSAL_LM": "generative"}.get(recorded.get("task_type"))
     if task_kind is None:
@@ -134,7 +136,7 @@ def load_pairs(item: AnalysisInput):
     else:
         options = item.info.get("task_options", {})
         model = load_base_model(item.base, task_kind, gguf_file=gguf_file, num_labels=_num_labels(item),
-                                problem=options.get("problem"))
+                                problem=options.get("problem"), modality=modality)
     base_weights = {name: weight.clone() for name, weight in linear_weights(model).items()}  # (out, in) each
     merged = PeftModel.from_pretrained(model, str(item.directory)).merge_and_unload()
     tuned_weights = linear_weights(merged)

@@ -149,10 +149,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..io import atomic_directory
     from ..recipes.config import RecipeError, resolve_recipe
     from ..recipes.harness import PreparedRun, evaluate_model
-    from ..recipes.models import load_tokenizer
+    from ..recipes.models import load_processor
     from ..recipes.results import write_json
     from ..recipes.saved import load_saved
-    from ..recipes.tasks import get_task
+    from ..recipes.tasks import get_task, task_modality
 
     file_values = {}
     if args.recipe:
@@ -173,10 +173,11 @@ def run_eval(args: argparse.Namespace) -> int:
     examples = task.load_examples(recipe.eval_data, limit=recipe.eval_limit, **recipe.task_options)
     options = _eval_options(task, directory, kind, examples, dict(recipe.task_options))
     base = recipe.model if kind == "adapter" else str(directory)
-    tokenizer = load_tokenizer(base, recipe.gguf_file if kind == "adapter" else None)
+    tokenizer = load_processor(task, base, recipe.gguf_file if kind == "adapter" else None, options)
     model = load_saved(directory, kind, task.TASK_KIND, model=recipe.model, gguf_file=recipe.gguf_file,
-                       dtype=recipe.dtype, options=options, pad_token_id=tokenizer.pad_token_id,
-                       quantize=recipe.quantize)  # as trained (run.json), unless --quantize says otherwise
+                       dtype=recipe.dtype, options=options, pad_token_id=getattr(tokenizer, "pad_token_id", None),
+                       quantize=recipe.quantize,  # as trained (run.json), unless --quantize says otherwise
+                       modality=task_modality(task))
     import torch
 
     if torch.cuda.is_available():
@@ -202,8 +203,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     import pica
 
-    from ..recipes.models import load_tokenizer
+    from ..recipes.models import load_processor
     from ..recipes.saved import adapter_config, load_saved, saved_head_size
+    from ..recipes.tasks import get_task, task_modality
 
     overrides = {k: v for k, v in {"model": args.model, "gguf_file": args.gguf_file}.items() if v is not None}
     directory, kind, info, settings = _saved_context(args, overrides)
@@ -220,14 +222,17 @@ def run_export(args: argparse.Namespace) -> int:
     options = dict(settings.get("task_options", {}))
     if task_kind == "classification" and not options.get("num_labels"):  # no run.json: size the head as saved
         options["num_labels"] = saved_head_size(directory)
-    tokenizer = load_tokenizer(settings["model"], settings.get("gguf_file")) if "model" in settings else None
+    task = get_task(settings["task"]) if "task" in settings else None
+    modality = task_modality(task) if task is not None else "text"
+    tokenizer = (load_processor(task, settings["model"], settings.get("gguf_file"), options)
+                 if "model" in settings else None)
     if settings.get("quantize"):
         logger.info("%s was trained on a %s base; exporting from the full-precision weights it was quantised from "
                     "(PiCa's serving path: P and fingerprints re-derived from them quantised again)",
                     directory, settings["quantize"])
     model = load_saved(directory, kind, task_kind, model=settings.get("model"), gguf_file=settings.get("gguf_file"),
                        dtype=settings.get("dtype", "float32"), options=options,
-                       pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None)
+                       pad_token_id=getattr(tokenizer, "pad_token_id", None), modality=modality)
     if args.to == "lora":
         dtype = getattr(torch, args.dtype) if args.dtype else None
         out = pica.export_lora(model, args.out, dtype=dtype, overwrite=args.overwrite)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from __future__ import annotations
 
-from .files import AdapterFileError, check_safetensors_file, nesting_depth, read_json_object
+from .files import AdapterFileError, check_safetensors_file, nesting_depth, read_json_object, read_safetensors_file
 from .outputs import OutputWouldDeleteInputError, atomic_directory, check_output_directory, refuse_replacing_inputs
 from .staging import directory_lock
 from .updates import atomic_directory_update, finish_interrupted_save, reading_directory
@@ -53,6 +53,7 @@ __all__ = [
     "finish_interrupted_save",
     "nesting_depth",
     "read_json_object",
+    "read_safetensors_file",
     "reading_directory",
     "refuse_replacing_inputs",
 ]

@@ -1,4 +1,4 @@
-"""Checks of what is on disk: JSON objects, safetensors headers, the error type of bad adapter files.
+"""Checks of what is on disk: JSON objects, safetensors files, the error type of bad adapter files.
 
 Pure: only paths, JSON and safetensors (no peft), so it can be tested on its own.
 """
@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-__all__ = ["AdapterFileError", "check_safetensors_file", "nesting_depth", "read_json_object"]
+__all__ = ["AdapterFileError", "check_safetensors_file", "nesting_depth", "read_json_object",
+           "read_safetensors_file"]
 
 
 class AdapterFileError(ValueError):
@@ -76,13 +80,29 @@ def check_safetensors_file(path: str | os.PathLike) -> list[str]:
     Raises:
         AdapterFileError: missing, empty, or malformed file (the message names it).
     """
+    def names(file: str) -> list[str]:
+        with safe_open(file, framework="pt") as handle:
+            return list(handle.keys())
+
+    return _read_safetensors(path, names)
+
+
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of a complete safetensors file, in one read (the checks of :func:`check_safetensors_file`).
+
+    Raises:
+        AdapterFileError: missing, empty, or malformed file (the message names it).
+    """
+    return _read_safetensors(path, load_file)
+
+
+def _read_safetensors(path: str | os.PathLike, read: Callable[[str], Any]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"{path} does not exist")
     if path.stat().st_size == 0:
         raise AdapterFileError(f"{path} is empty (0 bytes)")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, ValueError) as error:
+        return read(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise AdapterFileError(f"{path} is not a valid safetensors file (truncated or corrupt?): {error}") from error

@@ -67,7 +67,21 @@ def atomic_directory_update(
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise AdapterFileError(f"{target} exists and is not a directory")
+    created = [path for path in (target, *target.parents) if not path.exists()]  # deepest first
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        with _updating(target, seed_files, last) as staging:
+            yield staging
+    except BaseException:
+        for path in created:  # a failed first save leaves no empty directory behind (rmdir: only if empty)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _updating(target: Path, seed_files: Sequence[str], last: Sequence[str]) -> Iterator[Path]:
+    """The locked staging and move-in of :func:`atomic_directory_update` into the existing ``target``."""
     with directory_lock(target) as locked:
         _finish_updates(target, locked)
         staging = _make_directory(_staging_path(target, "", "partial"))

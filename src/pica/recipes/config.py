@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -133,15 +135,13 @@ class RecipeConfig:
             raise RecipeError(f"methods: duplicates in {self.methods}")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise RecipeError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
-        for name in ("rank", "batch_size", "eval_batch_size", "grad_accum", "max_length", "max_new_tokens",
-                     "logging_steps"):
-            if getattr(self, name) < 1:
-                raise RecipeError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.generate_limit is not None and self.generate_limit < 1:
-            raise RecipeError(f"generate_limit must be ≥ 1, got {self.generate_limit}")
-        if (isinstance(self.lr, float) and self.lr <= 0) or (self.epochs is not None and self.epochs <= 0) \
-                or self.warmup < 0:
-            raise RecipeError("lr and epochs must be > 0 and warmup ≥ 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise RecipeError(f"seeds: duplicates in {self.seeds} (each seed is one run directory)")
+        for name, (valid, wanted) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not valid(value):
+                raise RecipeError(f"{name} must be {wanted}, got {value!r}")
+        _check_scheduler(self.scheduler)
         _check_selection(self)
         quantized = [m for m in self.methods if m in _UNQUANTIZABLE
                      and self.per_method.get(m, {}).get("quantize", self.quantize) is not None]
@@ -167,12 +167,37 @@ class RecipeConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {  # option → (valid?, what it must be); None is not checked
+    **{name: (lambda v: v >= 1, "≥ 1") for name in ("rank", "batch_size", "eval_batch_size", "grad_accum", "max_length",
+                                                     "max_new_tokens", "logging_steps", "generate_limit", "train_limit",
+                                                     "eval_limit", "threads")},
+    "lr": (lambda v: v == "auto" or v > 0, "> 0 (or 'auto')"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or ≥ 1"),
+    "warmup": (lambda v: v >= 0, "≥ 0"),
+    "weight_decay": (lambda v: v >= 0, "≥ 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+"""Value ranges of the numeric options (floats are also finite: :func:`_check`)."""
+
+
+def _check_scheduler(name: str) -> None:
+    """``scheduler`` must be one of transformers' ``lr_scheduler_type`` values (checked before anything loads)."""
+    from transformers.trainer_utils import SchedulerType
+
+    known = [kind.value for kind in SchedulerType]
+    if name not in known:
+        raise RecipeError(f"scheduler must be one of {known}, got {name!r}")
+
+
 def _check_selection(recipe: RecipeConfig) -> None:
     """``lr_grid``, ``validation_fraction`` and ``early_stopping_patience``: values, and used by something."""
     if recipe.lr_grid is not None:
         grid = recipe.lr_grid
-        if len(grid) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in grid):
-            raise RecipeError(f"lr_grid must be at least 2 positive numbers, got {grid!r}")
+        if len(grid) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+                                for v in grid):
+            raise RecipeError(f"lr_grid must be at least 2 finite positive numbers, got {grid!r}")
         if len(set(grid)) != len(grid):
             raise RecipeError(f"lr_grid: duplicates in {grid!r}")
     if recipe.validation_fraction is not None and not 0 < recipe.validation_fraction < 1:
@@ -218,6 +243,8 @@ def _check(name: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:

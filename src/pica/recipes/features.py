@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, set_seed
+from transformers import set_seed
 
 from .config import RecipeConfig, RecipeError
 from .methods import default_head_modules
 from .models import load_base_model
+from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,13 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     set_seed(seed)
     model = load_base_model(recipe.model, task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
                             num_labels=options["num_labels"], problem=options["problem"],
-                            pad_token_id=tokenizer.pad_token_id).eval()
+                            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+                            modality=task_modality(task)).eval()
     heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, task.TASK_KIND)
     head = _head(model, heads)
-    collator = DataCollatorWithPadding(tokenizer)
+    from .fit import task_collator
+
+    collator = task_collator(task, tokenizer)
 
     def embed(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         dataset = task.build_train_dataset(examples, tokenizer, max_length=recipe.max_length, **options)
@@ -134,7 +138,8 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     linear = regression[-1]
     count = int(linear.coef_.size + linear.intercept_.size)
     labels = options["labels"]
-    predictions = [{"text": e["text"], "text_pair": e["text_pair"], "target": e["label"], "prediction": labels[p],
+    shown = task.describe if hasattr(task, "describe") else (lambda e: {"text": e["text"], "text_pair": e["text_pair"]})
+    predictions = [{**shown(e), "target": e["label"], "prediction": labels[p],
                     "correct": bool(labels[p] == e["label"])} for e, p in zip(prepared.eval_examples, predicted)]
     logger.info("features: logistic regression (C=%g by %d-fold CV) on %d × %d frozen features, %s", chosen_c,
                 folds, *train_x.shape, metrics)

@@ -8,6 +8,7 @@ of its grid, so both train in exactly the same way.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from .config import RecipeConfig, RecipeError
 from .measure import projector_progress
 from .methods import apply_method, default_head_modules, parameter_split
 from .models import load_base_model
+from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fitted", "build_model", "fit", "selection_metric", "training_arguments"]
+__all__ = ["Fitted", "TrainingDivergedError", "build_model", "divergence", "fit", "selection_metric", "task_collator",
+           "training_arguments"]
 
 _TRAINER_METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
 
@@ -40,6 +43,28 @@ class Fitted:
     heads: list[str]
     init_seconds: float
     train_seconds: float
+    diverged: Optional[str] = None
+    """What became non-finite in training (the loss, trainable tensors), or None: see :func:`divergence`."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A run's loss or trainable weights became non-finite: a failed run, never a published result."""
+
+
+def divergence(model: torch.nn.Module, training_loss: float, log_history: list[dict]) -> Optional[str]:
+    """What is non-finite after training (the mean or any logged loss, trainable tensors), or None.
+
+    Argmax of NaN logits still gives an accuracy, so a diverged model must be caught here, not by its scores.
+    """
+    problems = []
+    losses = [entry["loss"] for entry in log_history if isinstance(entry.get("loss"), (int, float))]
+    if not math.isfinite(training_loss) or not all(math.isfinite(loss) for loss in losses):
+        problems.append(f"training loss {training_loss!r}")
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    bad = [name for name, parameter in trainable if not torch.isfinite(parameter.detach()).all()]
+    if bad:
+        problems.append(f"{len(bad)} of {len(trainable)} trainable tensors non-finite (e.g. {bad[0]})")
+    return "; ".join(problems) or None
 
 
 def selection_metric(task: Any, options: dict[str, Any], metric: str) -> tuple[str, bool]:
@@ -73,6 +98,16 @@ def _trainer_metrics(task: Any, options: dict[str, Any]) -> Optional[Callable[[E
         return task.compute_metrics(np.asarray(prediction.label_ids), predicted, problem, num_labels)
 
     return compute
+
+
+def task_collator(task: Any, processor: Any) -> Callable[[list[dict]], dict]:
+    """How a task's training rows are batched: the task's own ``data_collator`` (images: stacked pixels) if it
+    has one, else padded token ids (generative: labels padded with -100)."""
+    if hasattr(task, "data_collator"):
+        return task.data_collator(processor)
+    if task.TASK_KIND == "generative":
+        return DataCollatorForSeq2Seq(processor, label_pad_token_id=-100, padding=True)
+    return DataCollatorWithPadding(processor)
 
 
 def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progress: bool,
@@ -117,12 +152,12 @@ def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
     Returns:
         ``(model, head module names, seconds spent applying the method)`` (PiCa: the projectors).
     """
-    kind, options = prepared.task.TASK_KIND, prepared.options
+    kind, options, modality = prepared.task.TASK_KIND, prepared.options, task_modality(prepared.task)
     set_seed(seed)  # the new task head starts from the same draw for every method
     model = load_base_model(recipe.model, kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
                             num_labels=options.get("num_labels"), problem=options.get("problem"),
-                            pad_token_id=prepared.tokenizer.pad_token_id, quantize=recipe.quantize,
-                            head_modules=recipe.head_modules)
+                            pad_token_id=getattr(prepared.tokenizer, "pad_token_id", None), quantize=recipe.quantize,
+                            head_modules=recipe.head_modules, modality=modality)
     if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
         from peft import prepare_model_for_kbit_training
 
@@ -130,7 +165,7 @@ def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
     heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
     started = time.perf_counter()
     with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
-        model = apply_method(model, method, recipe, kind, heads)
+        model = apply_method(model, method, recipe, kind, heads, modality=modality)
     return model, heads, time.perf_counter() - started
 
 
@@ -156,10 +191,7 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
     def dataset(examples: list[dict]):
         return task.build_train_dataset(examples, tokenizer, max_length=recipe.max_length, **options)
 
-    if kind == "generative":
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    else:
-        collator = DataCollatorWithPadding(tokenizer)
+    collator = task_collator(task, tokenizer)
     if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     best_by = None if validation_examples is None else selection_metric(task, options, prepared.metric)
@@ -172,4 +204,5 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
                       compute_metrics=None if validation_examples is None else _trainer_metrics(task, options))
     started = time.perf_counter()
     output = trainer.train()
-    return Fitted(trainer, output.training_loss, params, heads, init_seconds, time.perf_counter() - started)
+    return Fitted(trainer, output.training_loss, params, heads, init_seconds, time.perf_counter() - started,
+                  divergence(trainer.model, output.training_loss, trainer.state.log_history))

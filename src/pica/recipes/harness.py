@@ -26,12 +26,12 @@ from .answer_loss import answer_token_loss
 from .config import RecipeConfig, RecipeError, RunsFailedError
 from .defaults import with_defaults
 from .features import check_features, fit_features
-from .fit import fit
+from .fit import TrainingDivergedError, fit
 from .selection import check_selection, choose_lr, split_validation
 from .measure import PeakMemory
 from .preflight import check_before_training
 from .rank_outputs import is_distributed, rank_output_directory
-from .models import load_tokenizer
+from .models import load_processor
 from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json
 from .tasks import get_task
 
@@ -42,7 +42,8 @@ __all__ = ["PreparedRun", "evaluate_model", "prepare", "run_experiment"]
 
 @dataclass
 class PreparedRun:
-    """A validated recipe with its task module, loaded examples and tokenizer."""
+    """A validated recipe with its task module, loaded examples and tokenizer (an image task: its image
+    processor, :func:`pica.recipes.models.load_processor`)."""
 
     recipe: RecipeConfig
     task: ModuleType
@@ -107,7 +108,7 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
         eval_examples = task.load_examples(recipe.eval_data, limit=recipe.eval_limit, **options)
     if hasattr(task, "infer_options"):
         options = task.infer_options(train_examples, options)
-    tokenizer = load_tokenizer(recipe.model, recipe.gguf_file)
+    tokenizer = load_processor(task, recipe.model, recipe.gguf_file, options)
     check_before_training(recipe, task, options, eval_examples)
     prepared = PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
     check_selection(recipe, task, options, train_examples, prepared.metric)
@@ -171,6 +172,9 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
                                                           prepared.task.TASK_KIND, prepared.options)
         with PeakMemory() as memory:
             fitted = fit(prepared, method, recipe, seed, train_examples, validation, run_dir / "trainer", progress)
+            if fitted.diverged:
+                raise TrainingDivergedError(f"{method} seed {seed} diverged at lr {recipe.lr:g} ({lr_source}): "
+                                            f"{fitted.diverged}; nothing of it is published (try a smaller lr)")
             trainer = fitted.trainer
             eval_started = time.perf_counter()
             evaluation = evaluate_model(trainer.model, prepared, recipe, progress)

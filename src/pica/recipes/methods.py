@@ -48,8 +48,13 @@ def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str] | st
 
 
 def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind: str,
-                 head_modules: Optional[list[str]] = None, weightless: bool = False) -> nn.Module:
+                 head_modules: Optional[list[str]] = None, weightless: bool = False,
+                 modality: str = "text") -> nn.Module:
     """Return the model to train with ``method`` (a ``PeftModel`` for adapter methods).
+
+    ``modality="image"``: the adapter gets no peft task type (peft's sequence-classification wrapper
+    passes ``input_ids``, which an image classifier does not take); the head is kept trainable by
+    ``modules_to_save`` all the same.
 
     ``weightless``: ``model`` lives on the ``meta`` device (a shape check, see
     :mod:`pica.recipes.preflight`); peft's methods then skip their weight initialisation
@@ -65,7 +70,8 @@ def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(method == "full" or name.split(".")[0] in heads)
         return model
-    task_type = TaskType.SEQ_CLS if task_kind == "classification" else TaskType.CAUSAL_LM
+    task_type = (None if modality == "image" else
+                 TaskType.SEQ_CLS if task_kind == "classification" else TaskType.CAUSAL_LM)
     targets = target_modules_for(model, recipe)
     saved = list(heads) or None  # a copy: peft extends modules_to_save in place (adds classifier/score for SEQ_CLS)
     if method == "pica":

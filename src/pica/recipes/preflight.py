@@ -15,18 +15,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification)
 
 from .config import RecipeConfig, RecipeError
 from .methods import apply_method, default_head_modules
 from .models import model_source, quantization_kwargs
+from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_before_training", "weightless_model"]
 
 
-def weightless_model(recipe: RecipeConfig, task_kind: str, options: dict[str, Any]) -> nn.Module:
+def weightless_model(recipe: RecipeConfig, task_kind: str, options: dict[str, Any], modality: str = "text") -> nn.Module:
     """The base model of ``recipe`` with every tensor on the ``meta`` device (architecture and shapes only)."""
     source, extra = model_source(recipe.model, recipe.gguf_file)
     config = AutoConfig.from_pretrained(source, **extra)
@@ -34,7 +36,8 @@ def weightless_model(recipe: RecipeConfig, task_kind: str, options: dict[str, An
         config.num_labels = options.get("num_labels") or config.num_labels
         config.problem_type = ("regression" if options.get("problem") == "regression"
                                else "single_label_classification")
-    auto = AutoModelForCausalLM if task_kind == "generative" else AutoModelForSequenceClassification
+    auto = (AutoModelForCausalLM if task_kind == "generative" else
+            AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification)
     with torch.device("meta"):
         return auto.from_config(config)
 
@@ -60,7 +63,7 @@ def check_before_training(recipe: RecipeConfig, task: Any, options: dict[str, An
         except ImportError as error:
             raise RecipeError(f"method {method}: {error} (found before training; nothing was trained)") from error
     try:
-        base = weightless_model(recipe, task.TASK_KIND, options)
+        base = weightless_model(recipe, task.TASK_KIND, options, task_modality(task))
     except Exception as error:  # noqa: BLE001  (an architecture that cannot be built without weights)
         logger.info("pre-flight check of the methods skipped: cannot build %s without weights (%s)",
                     recipe.model, error)
@@ -71,7 +74,8 @@ def check_before_training(recipe: RecipeConfig, task: Any, options: dict[str, An
         try:
             heads = (list(method_recipe.head_modules) if method_recipe.head_modules is not None
                      else default_head_modules(model, task.TASK_KIND))
-            apply_method(model, method, method_recipe, task.TASK_KIND, heads, weightless=True)
+            apply_method(model, method, method_recipe, task.TASK_KIND, heads, weightless=True,
+                         modality=task_modality(task))
         except (NotImplementedError, RuntimeError) as error:  # an operation without weights: the run checks it
             logger.info("pre-flight check of %s stopped at an operation that needs weights: %s", method, error)
         except (ValueError, TypeError, KeyError) as error:

@@ -99,7 +99,8 @@ def saved_head_size(directory: str | Path) -> Optional[int]:
 
 
 def load_saved(directory: Path, kind: str, task_kind: str, *, model: Optional[str], gguf_file: Optional[str],
-               dtype: str, options: dict[str, Any], pad_token_id: Optional[int], quantize: Optional[str] = None):
+               dtype: str, options: dict[str, Any], pad_token_id: Optional[int], quantize: Optional[str] = None,
+               modality: str = "text"):
     """The trained model: base ``model`` (quantised by bitsandbytes if ``quantize``, as it was trained) + the
     adapter in ``directory``, or the saved full model.
 
@@ -107,7 +108,7 @@ def load_saved(directory: Path, kind: str, task_kind: str, *, model: Optional[st
         ValueError: ``quantize`` for a saved full model (only adapters train on quantised bases).
     """
     common = dict(dtype=dtype, num_labels=options.get("num_labels"), problem=options.get("problem"),
-                  pad_token_id=pad_token_id)
+                  pad_token_id=pad_token_id, modality=modality)
     if kind == "model":
         if quantize is not None:
             raise ValueError(f"{directory} is a full model; quantize={quantize!r} applies to adapter runs only")

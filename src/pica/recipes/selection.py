@@ -108,7 +108,7 @@ def choose_lr(prepared: Any, method: str, recipe: RecipeConfig, seed: int, direc
         point = directory / f"lr{lr:g}"
         fitted = fit(prepared, method, dataclasses.replace(recipe, lr=lr), seed, fit_part, validation, point,
                      progress)
-        scores[lr] = float(fitted.trainer.evaluate()[f"eval_{name}"])
+        scores[lr] = math.nan if fitted.diverged else float(fitted.trainer.evaluate()[f"eval_{name}"])
         shutil.rmtree(point, ignore_errors=True)
         logger.info("lr auto: %s seed %d lr %g → validation %s %.4f", method, seed, lr, name, scores[lr])
     worst = -math.inf if greater else math.inf  # a diverged run (NaN score) is never chosen

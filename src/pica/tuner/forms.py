@@ -31,12 +31,19 @@ def is_plain_base(base: nn.Module) -> bool:
     )
 
 
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) or forward-mode AD is active: the merged form's
+    autograd op has no rules for them, the factored form is plain torch ops and supports them all."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def use_merged_form(mode: str, x: torch.Tensor, base: nn.Module, update: torch.Tensor, projector: torch.Tensor,
                     extra_arguments: bool = False) -> bool:
     """Decide the form of one call from the layer's ``forward_mode`` and the shapes.
 
     The merged form is used only when exact: a plain base layer (no quantised weight, no hooks), no
-    extra call arguments, no autocast, and ``x``, ``W0``, ``P``, ``M`` all in one dtype and device
+    extra call arguments, no autocast, no ``torch.func`` transform or forward-mode AD (the factored form
+    serves those), and ``x``, ``W0``, ``P``, ``M`` all in one dtype and device
     (so ``W0 + M P`` loses nothing to rounding, e.g. not for a bf16 base with an fp32 ``M``). In
     ``"auto"`` mode it is used when it needs fewer FLOPs (see :func:`pica.functional.cheaper_form`).
 
@@ -57,7 +64,7 @@ def use_merged_form(mode: str, x: torch.Tensor, base: nn.Module, update: torch.T
     if not (x.dtype == weight.dtype == update.dtype == projector.dtype
             and x.device == weight.device == update.device == projector.device):
         return False
-    if torch.is_autocast_enabled(x.device.type) or not is_plain_base(base):
+    if torch.is_autocast_enabled(x.device.type) or not is_plain_base(base) or _transformed():
         return False
     if mode != "auto":
         return True

@@ -15,7 +15,9 @@ wrapped                                     gap it covers
 ``PeftModel.from_pretrained``,              validate the files before any layer is injected, and
 ``PeftModel.load_adapter``                  restore the model exactly on any error: peft injects
                                             layers before it reads the weights and has no
-                                            validation or rollback hook (:func:`loading.load_checked`).
+                                            validation or rollback hook; peft's own config parse is
+                                            skipped by handing ``from_pretrained`` the config read once
+                                            (:func:`loading.load_checked`).
 ``peft.peft_model.load_peft_weights``       hand peft the tensors validated above instead of letting
                                             it read the file again (one read, safetensors only; peft
                                             would fall back to a pickled ``adapter_model.bin``).
@@ -40,8 +42,7 @@ from peft.utils.constants import CONFIG_NAME
 
 from ..io import atomic_directory_update
 from .config import PiCaConfig
-from .load_arguments import call_arguments
-from .loading import load_checked, refuse_transformers_load_adapter, validated_weights
+from .loading import call_arguments, load_checked, refuse_transformers_load_adapter, validated_weights
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "merged_adapter_names", "non_finite_alone", "pica_layers",
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "fingerprint_mismatches", "merged_adapter_names",
+           "non_finite_alone", "pica_layers",
            "refuse_quantized_merge"]
 
 
@@ -48,31 +49,53 @@ def merged_adapter_names(model: nn.Module) -> list[str]:
     return sorted({name for _, layer in pica_layers(model) for name in layer.merged_adapters})
 
 
+def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tensor]]) -> str | None:
+    """The fingerprint check, for every load route: which stored fingerprints belong to another base weight.
+
+    Args:
+        stored: ``(module name, layer, adapter name, stored (FINGERPRINT_SIZE,) fingerprint)`` per layer.
+
+    Returns:
+        The refusal naming the modules (with a hint if a base is quantised), or None if all match.
+    """
+    mismatched, quantized = [], False
+    for name, layer, adapter_name, fingerprint in stored:
+        if not layer.pica_fingerprint[adapter_name].is_meta and not fingerprint.is_meta:
+            distance = layer.fingerprint_distance(adapter_name, fingerprint)
+            if distance > FINGERPRINT_TOLERANCE:
+                mismatched.append(f"{name} (distance {distance:.3g})")
+                quantized = quantized or is_quantized(layer.get_base_layer())
+    if not mismatched:
+        return None
+    hint = (" (this base is quantised: if the adapter was trained on full-precision weights, PiCa cannot reproduce "
+            "them from the quantised ones; load it onto the full-precision base, or train on the quantised one)"
+            if quantized else "")
+    return (f"the adapter was trained on a different base model{hint}: a different base weight at {len(mismatched)} "
+            f"module(s): {', '.join(mismatched[:6])}")
+
+
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: remember whether this call loads the base weight or a fingerprint."""
-    module._pica_loading = {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)}
+    """``load_state_dict`` pre-hook: remember this layer's name and whether the call loads its base weight or
+    a fingerprint."""
+    module._pica_loading = (prefix.rstrip("."), {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)})
 
 
 def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: a fingerprint loaded by any route must match this base weight.
-
-    Loads through ``PeftModel.from_pretrained`` are checked before anything is loaded
-    (:mod:`pica.tuner.loading`); this covers the others (a raw ``load_state_dict``,
-    ``set_peft_model_state_dict``, Trainer checkpoints), so no check is needed at forward time.
+    """``load_state_dict`` post-hook: a fingerprint loaded by any route must match this base weight (loads through
+    peft meet the same check, :func:`fingerprint_mismatches`, before anything is loaded: :mod:`pica.tuner.loading`).
 
     Raises:
         ValueError: a loaded fingerprint belongs to another base weight.
     """
-    loaded = module.__dict__.pop("_pica_loading", set())
+    name, loaded = module.__dict__.pop("_pica_loading", ("", set()))
+    module.pica_unset -= {adapter for adapter in module.pica_unset
+                          if f"pica_P.{adapter}" in loaded and f"pica_fingerprint.{adapter}" in loaded}
     if any(key.startswith("base_layer.") for key in loaded):
         module.refresh_base_fingerprint()
-    for name, stored in module.pica_fingerprint.items():
-        if (f"pica_fingerprint.{name}" in loaded or "base_layer.weight" in loaded) and not stored.is_meta:
-            distance = module.fingerprint_distance(name, stored)
-            if distance > FINGERPRINT_TOLERANCE:
-                raise ValueError(f"PiCa adapter '{name}' was trained on a different base weight than this "
-                                 f"({module.out_features}×{module.in_features}) layer of group "
-                                 f"'{module.pica_group[name]}' (fingerprint distance {distance:.3g})")
+    adapters = [a for a in module.pica_fingerprint if a not in module.pica_unset  # never computed: nothing to compare
+                and (f"pica_fingerprint.{a}" in loaded or "base_layer.weight" in loaded)]
+    if mismatch := fingerprint_mismatches([(name, module, a, module.pica_fingerprint[a]) for a in adapters]):
+        raise ValueError(f"PiCa adapter(s) {adapters}: {mismatch}")
 
 
 def non_finite_alone(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[str]:
@@ -122,7 +145,7 @@ class PiCaLayer(BaseTunerLayer):
     """Per-layer state, the lookup of the group's ``M``, and merge logic."""
 
     adapter_layer_names = ()  # the trainable M lives on the tuner, not on layers
-    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme")
+    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme")  # pica_unset: a set
 
     def __init__(self, base_layer: nn.Module, updates: nn.ModuleDict, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -133,6 +156,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_group: dict[str, str] = {}  # adapter → key of its group's M (see grouping.update_key)
         self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → its base_quantization record (quantized.adapter_view)
         self._base_fingerprint: dict[str, torch.Tensor] = {}  # of this base weight, computed at injection
+        self.pica_unset: set[str] = set()  # adapters made on a meta-device base: P never computed nor loaded
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.pica_forward_mode: str = kwargs.pop("forward_mode", "auto")
@@ -166,6 +190,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_group[adapter_name] = group_key
         self.pica_scheme[adapter_name] = scheme
         self.pica_P[adapter_name] = projector
+        (self.pica_unset.add if projector.is_meta else self.pica_unset.discard)(adapter_name)
         self.pica_fingerprint[adapter_name] = fingerprint
         self._base_fingerprint[adapter_name] = fingerprint.detach().clone()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -179,12 +204,24 @@ class PiCaLayer(BaseTunerLayer):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(target)
 
+    def check_projector(self, adapter_name: str) -> None:
+        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base)."""
+        if adapter_name in self.pica_unset:
+            raise RuntimeError(
+                f"PiCa adapter '{adapter_name}': P of this ({self.out_features}×{self.in_features}) layer of group "
+                f"'{self.pica_group[adapter_name]}' was never computed: the adapter was created on a base whose "
+                "weights were on the meta device. Load the adapter's tensors into it (PeftModel.from_pretrained, "
+                "set_peft_model_state_dict, or rank 0's state dict with torch's set_model_state_dict(..., "
+                "broadcast_from_rank0=True)), or create it with get_peft_model on the real weights.")
+
     def get_update(self, adapter_name: str) -> nn.Parameter:
         """The group's ``M``, ``(out_features, rank)``, from the tuner's store.
 
         Raises:
-            RuntimeError: ``M`` is an FSDP shard here (the tuner is not inside a running FSDP unit).
+            RuntimeError: ``M`` is an FSDP shard here (the tuner is not inside a running FSDP unit), or ``P``
+                was never computed (an adapter made on a meta-device base, not loaded since).
         """
+        self.check_projector(adapter_name)
         update = self._pica_updates[adapter_name][self.pica_group[adapter_name]]
         if isinstance(update, _Sharded):
             raise RuntimeError(

@@ -311,6 +311,8 @@ class PiCaModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        for _, layer in pica_layers(model, adapter_name):
+            layer.check_projector(adapter_name)  # an adapter made on a meta-device base and never loaded
         return adapter_state.select_for_save(model, config, adapter_name, state_dict)
 
     @classmethod

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..fingerprint import FINGERPRINT_SIZE, weight_fingerprint
 from ..projector_batch import LazyWeight, top_right_singular_vectors_many
-from ..grouping import group_of, update_key, validate_groups
+from ..grouping import roles as group_roles, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
 from .quantized import (adapter_view, base_shape, base_weight_out_in, check_supported, is_quantized,
                         quantization_record, requantized_weight, target_schemes)
@@ -139,7 +139,9 @@ def plan_adapter(
     too_small = [f"{n} {shape}" for n, shape in shapes.items() if rank > min(shape)]
     if too_small:
         raise ValueError(f"PiCaConfig.rank={rank} exceeds min(out_features, in_features) of {too_small[:8]}")
-    roles = {name: group_of(name, share_across_layers) for name in targets}
+    roles = group_roles(list(targets), lambda path: type(model.get_submodule(path)).__name__,
+                        lambda path: [type(child).__name__ for key, child in model.get_submodule(path).named_children()
+                                      if key.isdecimal()], share_across_layers)
     members = validate_groups(roles, {name: shape[0] for name, shape in shapes.items()})
     groups = {name: update_key(role) for name, role in roles.items()}
     record = base_quantization if base_quantization is not None else quantization_record(targets)

@@ -4,6 +4,11 @@ task whose module is not installed fails only when it is asked for.
 
 Optional hook: ``infer_options(train_examples, options) -> options`` fills options that depend on
 the training data (classify: label names, problem type, headline metric).
+
+Optional for non-text inputs (``image-classify``): ``MODALITY`` (``"text"`` if absent; ``"image"``
+loads ``AutoModelForImageClassification``), ``load_processor(source, options)`` (what the harness
+passes where a text task gets the tokenizer), ``data_collator(processor)`` and ``describe(example)``
+(the fields a prediction record shows).
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ import importlib
 from types import ModuleType
 from typing import Union
 
-__all__ = ["TASK_KINDS", "available_tasks", "get_task", "register_task"]
+__all__ = ["MODALITIES", "TASK_KINDS", "available_tasks", "get_task", "register_task", "task_modality"]
 
 TASK_KINDS = ("generative", "classification")
+MODALITIES = ("text", "image")
 _REQUIRED = ("TASK_KIND", "load_examples", "build_train_dataset", "evaluate")
 
 _REGISTRY: dict[str, Union[str, ModuleType]] = {
     "classify": "pica.recipes.tasks.classify",
+    "image-classify": "pica.recipes.tasks.image_classify",
     "math": "pica.recipes.tasks.math",
     "commonsense": "pica.recipes.tasks.commonsense",
 }
@@ -58,4 +65,11 @@ def get_task(name: str) -> ModuleType:
         raise ValueError(f"task {name!r} ({module.__name__}) lacks {missing} of the task interface")
     if module.TASK_KIND not in TASK_KINDS:
         raise ValueError(f"task {name!r}: TASK_KIND must be one of {TASK_KINDS}, got {module.TASK_KIND!r}")
+    if task_modality(module) not in MODALITIES:
+        raise ValueError(f"task {name!r}: MODALITY must be one of {MODALITIES}, got {module.MODALITY!r}")
     return module
+
+
+def task_modality(task: ModuleType) -> str:
+    """What the task's model reads: ``"text"`` (tokenizer) or ``"image"`` (image processor)."""
+    return getattr(task, "MODALITY", "text")

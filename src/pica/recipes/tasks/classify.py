@@ -45,7 +45,10 @@ def _check_options(options: dict[str, Any]) -> None:
 
 
 def _label(value: Any, location: str, field: str) -> int | float | str:
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+    if isinstance(value, bool):
+        raise ValueError(f"{location}: label field {field!r} is a JSON boolean ({str(value).lower()}); write the "
+                         "labels as class names or integers (e.g. \"yes\"/\"no\" or 1/0)")
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{location}: missing or empty label field {field!r}")
     if isinstance(value, (int, float)):
         if not np.isfinite(value):
