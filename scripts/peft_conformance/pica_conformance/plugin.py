@@ -34,6 +34,7 @@ from .tables import TableError, extend_inline, extend_tables, replace_values
 
 _SUMMARY_KEY = pytest.StashKey[Summary]()
 _OUTCOMES_KEY = pytest.StashKey[dict]()
+_FILES_KEY = pytest.StashKey[dict]()  # node id -> stem of the peft test file it was collected from
 _CONFIG: dict[str, pytest.Config] = {}
 _STANDINS: dict[str, str] = {}  # Hub model id -> local stand-in (--pica-standins)
 _MODEL_TABLES = {"test_decoder_models": "PEFT_DECODER_MODELS_TO_TEST"}  # module -> its table of Hub model ids
@@ -69,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _STANDINS.update(standins_module.build(standins))
     config.stash[_SUMMARY_KEY] = Summary()
     config.stash[_OUTCOMES_KEY] = {}
+    config.stash[_FILES_KEY] = {}
     _CONFIG["config"] = config  # pytest_runtest_logreport gets no config argument
 
 
@@ -126,7 +128,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        file = item.path.stem
+        module = getattr(item, "module", None)  # peft's test module (an added test's code lives in added.py)
+        file = module.__name__.rsplit(".", 1)[-1] if module is not None else item.path.stem
         params = _params(item)
         if not is_pica_item(params, getattr(item, "function", None)):
             summary.not_pica[file] += 1
@@ -141,6 +144,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 continue
             item.add_marker(pytest.mark.xfail(strict=True, reason=f"[{entry.category}] {entry.reason}"))
         kept.append(item)
+        config.stash[_FILES_KEY][item.nodeid] = file
     summary.unused_expectations = [
         {"file": entry.file, "test": entry.test, "rows": ", ".join(entry.rows), "reason": entry.reason}
         for index, entry in enumerate(entries) if index not in used
@@ -185,7 +189,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         pending[report.nodeid] = outcome
     if report.when == "teardown":
         kind, reason = pending.pop(report.nodeid, ("passed", ""))
-        file = Path(str(report.fspath or report.location[0])).stem  # the nodeid's path part can be empty
+        # the peft test file the item was collected from (an added PiCa test is defined in added.py); the
+        # report's path for an item not seen at collection
+        file = config.stash[_FILES_KEY].get(report.nodeid) or Path(str(report.fspath or report.location[0])).stem
 
         config.stash[_SUMMARY_KEY].record(file, report.nodeid, kind, reason)
 
