@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the test suite (slow checks excluded; see pyproject markers), then, for a
 # full run (no arguments):
-# * PiCa against PEFT's own test suite (scripts/peft_conformance.sh: downloads peft's sdist once, about
-#   1-2 minutes; its summary goes to a temporary file, not into the repository);
+# * PiCa against PEFT's own test suite, fast set (scripts/peft_conformance.sh: downloads peft's sdist once,
+#   about 2 minutes on 2 cores; its summary goes to a temporary file, not into the repository;
+#   PICA_CONFORMANCE_FULL=1 bash scripts/peft_conformance.sh runs the full contract);
 # * the suite again in .venv-newest with the newest releases pyproject.toml allows, resolved at run time
 #   (torch kept at the pinned CPU build): users install pica beside whatever is newest. A failure fails the run.
 set -euo pipefail

@@ -129,3 +129,38 @@ def test_no_m_is_trainable_inside_disable_adapter_and_each_gets_its_flag_back():
         assert not any(p is q for group in optimizer.param_groups for p in group["params"]
                        for name, q in model.named_parameters() if ".pica_M." in name)
     assert {name: p.requires_grad for name, p in model.named_parameters() if ".pica_M." in name} == before
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.lin0(x))
+
+
+def test_errors_peft_tests_match_carry_peft_wording_and_pica_details():
+    """peft's test_custom_models/test_decoder_models match these messages (found by the conformance run)."""
+    with pytest.raises(ValueError, match="Please specify `target_modules`") as error:  # no default for the model
+        get_peft_model(_TwoLinears(), PiCaConfig(rank=2))
+    assert "has no default" in str(error.value)
+
+    torch.manual_seed(0)
+    model = get_peft_model(_TwoLinears(), PiCaConfig(target_modules=["lin0"], rank=2, init_weights=False)).eval()
+    model.add_adapter("other", PiCaConfig(target_modules=["lin0"], rank=2, init_weights=False))
+    x = torch.randn(4, 10)
+    wording = "Trying to infer with non-existing adapter\\(s\\): does-not-exist, other-does-not-exist"
+    with pytest.raises(ValueError, match=wording + r".*do not exist: \['does-not-exist', 'other-does-not-exist'\]"):
+        model(x, adapter_names=["does-not-exist", "other-does-not-exist", "other", "default"])
+
+    with torch.no_grad():
+        model.base_model.pica_M["other"]["lin0"][0] = torch.nan
+    weight = model.base_model.model.lin0.get_base_layer().weight.detach().clone()
+    for merge in (lambda: model.base_model.merge_adapter(["default", "other"], safe_merge=True),
+                  lambda: model.base_model.model.lin0.merge(safe_merge=True, adapter_names=["default", "other"])):
+        # peft's wording names the broken adapter (only "other" is non-finite), then which modules; nothing merged
+        with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter other seems to be bro"):
+            merge()
+        assert torch.equal(model.base_model.model.lin0.get_base_layer().weight, weight)
+        assert model.base_model.model.lin0.merged_adapters == []

@@ -41,7 +41,7 @@ class Expectation:
         return self.when is None or bool(self.when(params))
 
 
-_CUSTOM, _CONFIG = "test_custom_models", "test_config"
+_CUSTOM, _CONFIG, _DECODER = "test_custom_models", "test_config", "test_decoder_models"
 _NO_PICKLE = ("PiCa adapters are written as safetensors only (no pickle, DESIGN §3): save_pretrained("
               "safe_serialization=False) warns and writes adapter_model.safetensors, so there is no adapter_model.bin")
 _OTHER_BASE = ("the test builds the base model twice without a seed, so the adapter is loaded onto other base "
@@ -50,12 +50,25 @@ _OTHER_BASE = ("the test builds the base model twice without a seed, so the adap
 _UNKNOWN_KEYS = ("PiCa refuses unknown adapter_config.json keys (TypeError naming them, README guarantee) instead "
                  "of peft's forward-compatibility filter that warns and drops them: a newer PiCa adapter must not "
                  "load with a silently different meaning")
+_SHARED_M = ("one M per role shared across the layers (share_across_layers=True, the method's default): "
+             "layers_to_transform=[0] adapts fewer layers but trains the same number of tensors (one M per role), "
+             "so peft's check that it trains fewer parameter tensors cannot hold; peft skips this test for VeRA, "
+             "VBLoRA and UniLoRA for the same reason (shared weights). Passes with share_across_layers=False")
+
+
+def _shared(params: Mapping[str, Any]) -> bool:
+    return bool(params.get("config_kwargs", {}).get("share_across_layers", True))
+
+
 _HUB = "needs the Hugging Face Hub (peft-internal-testing/tiny-opt-lora-revision); the run is offline"
 
 EXPECTATIONS: tuple[Expectation, ...] = (
     Expectation(_CUSTOM, "test_save_pretrained_pickle", DESIGN, _NO_PICKLE),
     Expectation(_CUSTOM, "test_loading_model_requires_grad_set_correctly", DESIGN, _OTHER_BASE),
     Expectation(_CUSTOM, "test_loading_model_with_modules_to_save_requires_grad_set_correctly", DESIGN, _OTHER_BASE),
+    Expectation(_DECODER, "test_save_pretrained_pickle", DESIGN, _NO_PICKLE),
+    Expectation(_DECODER, "test_save_pretrained_selected_adapters_pickle", DESIGN, _NO_PICKLE),
+    Expectation(_DECODER, "test_training_decoders_layer_indexing", DESIGN, _SHARED_M, when=_shared),
     Expectation(_CONFIG, "test_from_pretrained_forward_compatible", DESIGN, _UNKNOWN_KEYS),
     Expectation(_CONFIG, "test_from_pretrained_forward_compatible_load_from_peft_config", DESIGN, _UNKNOWN_KEYS),
     Expectation(_CONFIG, "test_from_pretrained_sanity_check", DESIGN,

@@ -3,8 +3,12 @@
 1. Imports pica (which registers PiCa with peft) and checks that the installed peft is the version whose
    test suite is being run (``--pica-peft-version``).
 2. When a peft test module named in :mod:`.rows` is collected, extends its tables with the PiCa rows
-   (:func:`.tables.extend_tables`; the downloaded files are not edited).
-3. Keeps only PiCa items (an item whose parameters hold ``PiCaConfig`` or a ``PiCaConfig`` instance);
+   (:func:`.tables.extend_tables`) and its inline parametrize lists (:func:`.tables.extend_inline`), binds the
+   PiCa tests of :mod:`.added` into their classes, and points the Hub model ids of ``test_decoder_models.py``
+   at local stand-ins (:mod:`.standins`, ``--pica-standins``; :func:`.tables.replace_values`, test ids kept).
+   The downloaded files are not edited. ``--pica-full``: every row and stand-in; default: the fast set.
+3. Keeps only PiCa items (an added PiCa test, or an item whose parameters hold ``PiCaConfig``, a partial of
+   it or a ``PiCaConfig`` instance);
    the others are deselected and counted per file as ``not_pica``. Applies :mod:`.expectations`.
 4. Records every outcome and writes the JSON summary (``--pica-summary``); the run fails if any PiCa item
    failed or an expectation matched nothing.
@@ -23,13 +27,20 @@ from typing import Any, Optional
 import pytest
 
 from . import expectations as expectations_module
-from .rows import tables_for
+from . import added
+from .rows import inline_rows_for, tables_for
 from .summary import Summary
-from .tables import TableError, extend_tables
+from .tables import TableError, extend_inline, extend_tables, replace_values
 
 _SUMMARY_KEY = pytest.StashKey[Summary]()
 _OUTCOMES_KEY = pytest.StashKey[dict]()
+_FILES_KEY = pytest.StashKey[dict]()  # node id -> stem of the peft test file it was collected from
 _CONFIG: dict[str, pytest.Config] = {}
+_STANDINS: dict[str, str] = {}  # Hub model id -> local stand-in (--pica-standins)
+_MODEL_TABLES = {"test_decoder_models": "PEFT_DECODER_MODELS_TO_TEST"}  # module -> its table of Hub model ids
+# The fast set runs the decoder tests on two architectures: GPT-2 (transformers Conv1D, fused c_attn) and Llama.
+FAST_DECODER_MODELS = ("peft-internal-testing/tiny-random-GPT2LMHeadModel",
+                       "trl-internal-testing/tiny-random-LlamaForCausalLM")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,6 +48,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--pica-summary", default=None, help="write the JSON summary here")
     group.addoption("--pica-command", default="", help="the command line recorded in the summary")
     group.addoption("--pica-peft-version", default=None, help="peft version of the downloaded test suite")
+    group.addoption("--pica-full", action="store_true",
+                    help="the full contract: every PiCa row and every stand-in model (default: the fast set)")
+    group.addoption("--pica-standins", default=None,
+                    help="directory of the local stand-ins for the Hub models of test_decoder_models.py (built if "
+                         "missing)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,15 +63,22 @@ def pytest_configure(config: pytest.Config) -> None:
     if expected_version is not None and peft.__version__ != expected_version:
         raise pytest.UsageError(f"installed peft is {peft.__version__}, the test suite is peft {expected_version}")
     assert pica.PiCaConfig is not None  # registers PiCa with peft
+    standins = config.getoption("--pica-standins")
+    if standins is not None:
+        from . import standins as standins_module
+
+        _STANDINS.update(standins_module.build(standins))
     config.stash[_SUMMARY_KEY] = Summary()
     config.stash[_OUTCOMES_KEY] = {}
+    config.stash[_FILES_KEY] = {}
     _CONFIG["config"] = config  # pytest_runtest_logreport gets no config argument
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Any:
     if isinstance(collector, pytest.Module):
-        required, derived = tables_for(collector.path.stem)
+        full = collector.config.getoption("--pica-full")
+        required, derived = tables_for(collector.path.stem, full)
         if required or derived:
             try:
                 module = collector.obj  # imports the module (cached; collect() reuses it)
@@ -64,16 +87,29 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Any:
             if module is not None:
                 try:
                     extend_tables(module, required, derived)
+                    for qualname, argnames, rows in inline_rows_for(collector.path.stem):
+                        extend_inline(module, qualname, argnames, rows)
+                    added.install(collector.path.stem, module)
+                    added.extend_skip_helpers(module)
+                    model_table = _MODEL_TABLES.get(collector.path.stem)
+                    if model_table is not None:
+                        if not _STANDINS:
+                            raise TableError(f"{collector.path.name} names Hub models: pass --pica-standins DIR")
+                        replace_values(module, model_table, _STANDINS, keep=None if full else FAST_DECODER_MODELS)
                 except TableError as error:
                     raise pytest.UsageError(f"cannot add the PiCa rows: {error}") from error
     return (yield)
 
 
-def is_pica_item(params: Mapping[str, Any]) -> bool:
-    """True if the item's parameters hold the PiCa config class or a PiCa config."""
+def is_pica_item(params: Mapping[str, Any], function: Any = None) -> bool:
+    """True for a PiCa test added to a peft class, or if the item's parameters hold the PiCa config class, a
+    ``functools.partial`` of it, or a PiCa config."""
     from pica import PiCaConfig
 
-    return any(value is PiCaConfig or isinstance(value, PiCaConfig) for value in params.values())
+    if getattr(function, added.MARKER, False):
+        return True
+    return any(value is PiCaConfig or isinstance(value, PiCaConfig) or getattr(value, "func", None) is PiCaConfig
+               for value in params.values())
 
 
 def _params(item: pytest.Item) -> dict[str, Any]:
@@ -92,9 +128,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        file = item.path.stem
+        module = getattr(item, "module", None)  # peft's test module (an added test's code lives in added.py)
+        file = module.__name__.rsplit(".", 1)[-1] if module is not None else item.path.stem
         params = _params(item)
-        if not is_pica_item(params):
+        if not is_pica_item(params, getattr(item, "function", None)):
             summary.not_pica[file] += 1
             dropped.append(item)
             continue
@@ -107,6 +144,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 continue
             item.add_marker(pytest.mark.xfail(strict=True, reason=f"[{entry.category}] {entry.reason}"))
         kept.append(item)
+        config.stash[_FILES_KEY][item.nodeid] = file
     summary.unused_expectations = [
         {"file": entry.file, "test": entry.test, "rows": ", ".join(entry.rows), "reason": entry.reason}
         for index, entry in enumerate(entries) if index not in used
@@ -151,7 +189,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         pending[report.nodeid] = outcome
     if report.when == "teardown":
         kind, reason = pending.pop(report.nodeid, ("passed", ""))
-        file = Path(str(report.fspath or report.location[0])).stem  # the nodeid's path part can be empty
+        # the peft test file the item was collected from (an added PiCa test is defined in added.py); the
+        # report's path for an item not seen at collection
+        file = config.stash[_FILES_KEY].get(report.nodeid) or Path(str(report.fspath or report.location[0])).stem
 
         config.stash[_SUMMARY_KEY].record(file, report.nodeid, kind, reason)
 
@@ -174,7 +214,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     summary = config.stash[_SUMMARY_KEY]
     path = config.getoption("--pica-summary")
     if path:
-        summary.write(path, config.getoption("--pica-command"), _versions())
+        summary.write(path, config.getoption("--pica-command"), _versions(),
+                      "full" if config.getoption("--pica-full") else "fast")
     if not summary.ok and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

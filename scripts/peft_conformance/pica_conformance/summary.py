@@ -46,13 +46,14 @@ class Summary:
     def ok(self) -> bool:
         return not self.failures and not self.unused_expectations
 
-    def to_json(self, command: str, versions: dict[str, str]) -> dict[str, Any]:
+    def to_json(self, command: str, versions: dict[str, str], contract: str = "fast") -> dict[str, Any]:
         by_reason = Counter(entry["reason"] for entry in self.expected)
         per_file = {file: {key: counts.get(key, 0) for key in (*OUTCOMES, "deselected")}
                     for file, counts in sorted(self.counts.items())}
         totals = {key: sum(row[key] for row in per_file.values()) for key in (*OUTCOMES, "deselected")}
         return {
             "command": command,
+            "contract": contract,
             "versions": versions,
             "per_file": per_file,
             "total": totals,
@@ -65,11 +66,11 @@ class Summary:
             "unused_expectations": self.unused_expectations,
         }
 
-    def write(self, path: str, command: str, versions: dict[str, str]) -> None:
+    def write(self, path: str, command: str, versions: dict[str, str], contract: str = "fast") -> None:
         """Write the summary atomically (a temporary file in the same directory, then rename)."""
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-            json.dump(self.to_json(command, versions), handle, indent=1)
+            json.dump(self.to_json(command, versions, contract), handle, indent=1)
             handle.write("\n")
         os.replace(handle.name, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -84,3 +84,58 @@ def extend_tables(module: ModuleType, extra_rows: Mapping[str, Sequence[Any]],
             raise TableError(f"{module.__name__}.{name}: no parametrize mark uses this table; the rows would "
                              "never run")
     return counts
+
+
+def replace_values(module: ModuleType, name: str, mapping: Mapping[Any, Any],
+                   keep: Optional[Sequence[Any]] = None) -> int:
+    """Point every value of table ``module.<name>`` at ``mapping[value]``, keeping the test ids.
+
+    ``module.<name>`` becomes a new table of the mapped values (for tests that read it directly), and each
+    parametrize mark over the old table becomes one over ``pytest.param(mapping[value], id=str(value))``,
+    so items keep the ids (and node ids) they have in peft's own runs. Used to point peft's Hub model ids
+    at local stand-ins. ``keep``: if given, the marks hold only these values (the module's table keeps all).
+
+    Returns:
+        number of parametrize marks rewritten.
+
+    Raises:
+        TableError: the table is missing, not a list/tuple of values that are all in ``mapping``, or used by
+            no parametrize mark.
+    """
+    old = getattr(module, name, None)
+    if not isinstance(old, (list, tuple)):
+        raise TableError(f"{module.__name__}.{name} is {type(old).__name__}, expected a list or tuple table; "
+                         "the peft version may have changed")
+    missing = [value for value in old if value not in mapping]
+    if missing:
+        raise TableError(f"{module.__name__}.{name}: no local stand-in for {missing}")
+    setattr(module, name, type(old)(mapping[value] for value in old))
+    rows = [pytest.param(mapping[value], id=str(value)) for value in old if keep is None or value in keep]
+    targets = [module, *_functions(module), *(value for value in vars(module).values() if inspect.isclass(value))]
+    count = sum(_replace_marks(target, old, rows) for target in targets)
+    if count == 0:
+        raise TableError(f"{module.__name__}.{name}: no parametrize mark uses this table")
+    return count
+
+
+def extend_inline(module: ModuleType, qualname: str, argnames: str, rows: Sequence[Any]) -> None:
+    """Add ``rows`` to the list written inline in the parametrize mark ``argnames`` of test ``qualname``.
+
+    For tests whose rows are not a module table but a list in the decorator (``"TestClass.test_name"``),
+    where a contributor adds the rows of a new method in place.
+
+    Raises:
+        TableError: no such test, or no parametrize mark with these argument names on it.
+    """
+    target: Any = module
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise TableError(f"{module.__name__}.{qualname} does not exist; the peft version may have changed")
+    marks = getattr(target, "pytestmark", [])
+    for mark in marks:
+        if mark.name == "parametrize" and mark.args[0] == argnames:
+            if _replace_marks(target, mark.args[1], [*mark.args[1], *rows]) != 1:
+                raise TableError(f"{module.__name__}.{qualname}: cannot extend the {argnames!r} rows")
+            return
+    raise TableError(f"{module.__name__}.{qualname} has no parametrize mark over {argnames!r}")

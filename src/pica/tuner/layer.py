@@ -32,7 +32,8 @@ from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "fingerprint_mismatches", "merged_adapter_names", "pica_layers",
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "fingerprint_mismatches", "merged_adapter_names",
+           "non_finite_alone", "pica_layers",
            "refuse_quantized_merge"]
 
 
@@ -95,6 +96,12 @@ def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> Non
                 and (f"pica_fingerprint.{a}" in loaded or "base_layer.weight" in loaded)]
     if mismatch := fingerprint_mismatches([(name, module, a, module.pica_fingerprint[a]) for a in adapters]):
         raise ValueError(f"PiCa adapter(s) {adapters}: {mismatch}")
+
+
+def non_finite_alone(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[str]:
+    """Adapters whose merge alone makes ``weight`` non-finite; all of them if only their sum does."""
+    alone = [name for name, delta in deltas.items() if not torch.isfinite(weight + delta).all()]
+    return alone or list(deltas)
 
 
 def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
@@ -263,7 +270,9 @@ class PiCaLayer(BaseTunerLayer):
         if safe_merge:
             merged = weight.data + sum(deltas.values()) if deltas else weight.data
             if not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs would appear when merging PiCa adapter(s) {adapter_names}; not merged")
+                broken = ", ".join(non_finite_alone(weight.data, deltas))
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {broken} seems to be broken: "
+                                 f"NaNs or infs would appear when merging PiCa adapter(s) {adapter_names}; not merged")
         for name, delta in deltas.items():
             weight.data += delta
             self.merged_adapters.append(name)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import adapter_state, loading
 from .config import PiCaConfig
-from .layer import Linear, PiCaLayer, merged_adapter_names, pica_layers, refuse_quantized_merge
+from .layer import Linear, PiCaLayer, merged_adapter_names, non_finite_alone, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
 from .quantized import is_quantized, guard_quantized_layers
 from .peft_type import PICA_PREFIX
@@ -59,8 +59,9 @@ class PiCaModel(BaseTuner):
             defaults = self.target_module_mapping.get(model_type)
             if defaults is None:
                 raise ValueError(
-                    f"PiCaConfig.target_modules is not set and model_type {model_type!r} has no default; known: "
-                    f"{sorted(self.target_module_mapping)}"
+                    f"PiCaConfig.target_modules is not set and model_type {model_type!r} has no default. Please "
+                    f"specify `target_modules` in `peft_config` (model types with a default: "
+                    f"{sorted(self.target_module_mapping)})"
                 )
             peft_config.target_modules = defaults if isinstance(defaults, str) else list(defaults)
         return peft_config
@@ -231,8 +232,9 @@ class PiCaModel(BaseTuner):
                              f"first. (merged: {merged})")
         unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config))
         if unknown:
-            raise ValueError(f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
-                             f"{sorted(self.peft_config)} (and '__base__')")
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. (peft's wording; "
+                             f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
+                             f"{sorted(self.peft_config)} (and '__base__'))")
         per_row = list(adapter_names)
         beams = kwargs.get("num_beams")
         if isinstance(beams, int) and beams > 1:  # generate repeats each row once per beam
@@ -291,14 +293,19 @@ class PiCaModel(BaseTuner):
 
     def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
         """Raise, naming the modules, if merging would give non-finite weights anywhere (nothing is merged)."""
-        bad = []
+        bad, broken = [], []
         for name, layer in pica_layers(self.model):
             names = [a for a in (adapter_names or layer.active_adapters) if a in layer.pica_P and a not in layer.merged_adapters]
             weight = layer.get_base_layer().weight
-            if names and not torch.isfinite(weight + sum(layer._delta_in_storage_layout(a, weight.dtype) for a in names)).all():
+            deltas = {a: layer._delta_in_storage_layout(a, weight.dtype) for a in names}
+            if names and not torch.isfinite(weight + sum(deltas.values())).all():
                 bad.append(name)
+                broken += [a for a in non_finite_alone(weight, deltas) if a not in broken]
         if bad:
-            raise ValueError(f"NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; nothing merged")
+            # peft's wording first (callers match on it), then which modules
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be "
+                             f"broken: NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; "
+                             "nothing merged")
 
     # ------------------------------------------------------------------ adapter files (peft's hooks)
 
