@@ -93,6 +93,30 @@ def load_adapter(kind: str, edit: Callable[[dict], None] | None = None, adapter_
     return setup
 
 
+def with_config(loader: Callable[..., Setup], fields: dict[str, Any], seconds: float = 1.0) -> Setup:
+    """``loader``'s setup on an adapter whose ``adapter_config.json`` says ``fields``; the pattern-cost limit is
+    ``seconds`` for the call (pica.patterns.PATTERN_SECONDS, 10 s by default)."""
+    from pica import patterns
+
+    def edit_config(root: Path) -> None:
+        for path in root.glob("*/adapter_config.json"):
+            if path.parent.name in ("bad", "second"):
+                path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+    def setup(root: Path):
+        model, action = loader(root)
+        edit_config(root)
+
+        def limited():
+            before, patterns.PATTERN_SECONDS = patterns.PATTERN_SECONDS, seconds
+            try:
+                return action()
+            finally:
+                patterns.PATTERN_SECONDS = before
+        return model, limited
+    return setup
+
+
 def set_state_dict(kind: str, edit: Callable[[dict], None], **kwargs: Any) -> Setup:
     """``set_peft_model_state_dict`` of an edited adapter state dict into a PeftModel of the same config."""
     def setup(root: Path):
@@ -257,6 +281,17 @@ CASES: dict[str, Case] = {
                                            r"load it with peft\.PeftModel\.from_pretrained", False),
     "transformers_load_adapter_state_dict": Case("transformers_load_adapter", transformers_load_adapter(
         state_dict=True, peft_config=PiCaConfig(rank=4)), ValueError, r"load it with peft\.PeftModel", False),
+    # regular expressions an adapter file makes peft run: bounded before peft runs them (issue: minutes on 653 bytes)
+    "config_target_modules_backtracks": Case(
+        "from_pretrained", with_config(from_pretrained("llama", lambda t: None),
+                                       {"target_modules": r"(?:[\w.]+)+!|.*\.(q_proj|k_proj|v_proj|up_proj|down_proj)"}),
+        AdapterFileError, r"adapter_config\.json: matching \['target_modules'\] .* takes more than 1 s", True),
+    "config_modules_to_save_backtracks_second_adapter": Case(
+        "load_adapter", with_config(load_adapter("llama"), {"modules_to_save": [r"([\w.]+)+!"]}),
+        AdapterFileError, r"matching \['modules_to_save'\] .* takes more than 1 s", True),
+    "config_exclude_modules_invalid_regex": Case(
+        "from_pretrained", with_config(from_pretrained("llama", lambda t: None), {"exclude_modules": "(unclosed"}),
+        AdapterFileError, r"exclude_modules is not a valid regular expression", True),
 }
 
 
