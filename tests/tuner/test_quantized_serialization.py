@@ -118,3 +118,19 @@ def test_a_full_precision_adapter_on_a_quantised_base_says_why_it_is_refused(lla
     with pytest.raises(AdapterFileError, match="this base is quantised: if the adapter was trained on full-precision weights"):
         PeftModel.from_pretrained(quantised, tmp_path / "fp32-adapter")
     assert not pica_layers(quantised)
+
+
+def test_export_merged_from_an_8bit_base_writes_the_dtype_de_quantisation_gives(llama_dir, tmp_path):
+    model, _, _ = _trained(llama_dir, "int8", tmp_path)
+    layers = pica_layers(model)
+    out = export_merged(model, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    checked = 0
+    for name, module in plain.named_modules():
+        layer = layers.get(f"base_model.model.{name}")
+        if layer is not None:
+            expected = base_weight_out_in(layer.get_base_layer()) + layer.get_delta_weight("default")
+            assert module.weight.dtype == expected.dtype == torch.float32, name  # not rounded to fp16
+            assert torch.equal(module.weight, expected), name
+            checked += 1
+    assert checked == len(layers)

@@ -177,10 +177,11 @@ def quantization_record(targets: dict[str, nn.Module]) -> Optional[dict[str, Any
 
 
 def quantized_from_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a quantised layer's weight was quantised from (what de-quantisation returns)."""
+    """The dtype :func:`dequantized` returns for a quantised layer: 4-bit, the dtype it was quantised from (as
+    set at quantisation, whatever the layout); 8-bit codes, float32 (bitsandbytes' de-quantisation)."""
     if _bnb_kind(module) == "bitsandbytes_4bit":
         return _original(module.weight.quant_state, "dtype")
-    return torch.float16 if module.weight.dtype == torch.int8 else module.weight.dtype
+    return torch.float32 if module.weight.dtype == torch.int8 else module.weight.dtype
 
 
 def _dequantize_4bit(codes: torch.Tensor, state: Any, scales_dtype: Optional[torch.dtype]) -> torch.Tensor:
