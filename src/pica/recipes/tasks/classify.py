@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -134,14 +135,22 @@ def _targets(examples: list[dict], options: dict[str, Any]) -> list[int | float]
         options = infer_options(examples, options)
     if options["problem"] == "regression":
         return [float(example["label"]) for example in examples]
-    index = {label: i for i, label in enumerate(options["labels"])}
-    targets = []
+    return label_indices(examples, options["labels"],
+                         lambda number, example: f"classify: label {example['label']!r} of example {number} is not "
+                                                 f"among labels {options['labels']}")
+
+
+def label_indices(examples: list[dict], labels: list, unknown: Callable[[int, dict], str]) -> list[int]:
+    """The index in ``labels`` of each example's ``"label"``.
+
+    Raises:
+        ValueError: ``unknown(number, example)`` for the first example whose label is not in ``labels``.
+    """
+    index = {label: i for i, label in enumerate(labels)}
     for number, example in enumerate(examples):
         if example["label"] not in index:
-            raise ValueError(f"classify: label {example['label']!r} of example {number} is not among labels "
-                             f"{options['labels']}")
-        targets.append(index[example["label"]])
-    return targets
+            raise ValueError(unknown(number, example))
+    return [index[example["label"]] for example in examples]
 
 
 def check_eval_examples(examples: list[dict], options: dict[str, Any]) -> None:

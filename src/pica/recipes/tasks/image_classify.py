@@ -27,7 +27,7 @@ from datasets import Array3D, Dataset, Features, Value
 from transformers import default_data_collator
 
 from ..images import MODES, load_image_processor, pixel_array, read_image_examples
-from .classify import CLASSIFICATION_METRICS, compute_metrics
+from .classify import CLASSIFICATION_METRICS, compute_metrics, label_indices
 
 __all__ = ["MODALITY", "OPTIONS", "TASK_KIND", "build_train_dataset", "check_eval_examples", "compute_metrics",
            "data_collator", "describe", "evaluate", "infer_options", "load_examples", "load_processor"]
@@ -80,14 +80,9 @@ def infer_options(train_examples: list[dict], options: dict[str, Any]) -> dict[s
 def _targets(examples: list[dict], options: dict[str, Any]) -> list[int]:
     if options.get("labels") is None:
         options = infer_options(examples, options)
-    index = {label: i for i, label in enumerate(options["labels"])}
-    targets = []
-    for example in examples:
-        if example["label"] not in index:
-            raise ValueError(f"{example['location']}: label {example['label']!r} of image {example['image']} is not "
-                             f"among the training labels {options['labels']}")
-        targets.append(index[example["label"]])
-    return targets
+    return label_indices(examples, options["labels"],
+                         lambda _, example: f"{example['location']}: label {example['label']!r} of image "
+                                            f"{example['image']} is not among the training labels {options['labels']}")
 
 
 def check_eval_examples(examples: list[dict], options: dict[str, Any]) -> None:
