@@ -26,6 +26,7 @@ from _common import interleaved_medians, machine_info, peak_tensor_bytes, saved_
 import peft  # noqa: E402
 
 import pica  # noqa: E402
+from pica.tuner.layer import merged_form_applies  # noqa: E402
 
 
 def main() -> None:
@@ -85,13 +86,11 @@ def main() -> None:
         "factored_reference": lambda inputs: torch.nn.functional.linear(inputs, weight) + (inputs @ projector.T) @ update.T,
         "pica_default_auto": with_mode("auto"),
         "pica_factored": with_mode("factored"),
-        "pica_merged": with_mode("merged"),
-        "pica_merged_keep": with_mode("merged_keep"),
         "peft_lora": lambda inputs: lora(inputs),
     }
     variants = {name: step(forward) for name, forward in forwards.items()}
     layer.pica_forward_mode = "auto"
-    auto_form = "merged" if layer._use_merged_form(x, "default") else "factored"
+    auto_form = "merged" if merged_form_applies(x, layer.get_base_layer(), update, layer.pica_P["default"]) else "factored"
     timings = interleaved_medians(variants, repeats=args.repeats)
     memory = {name: peak_tensor_bytes(run) for name, run in variants.items()}
     saved = {name: saved_for_backward_bytes(lambda forward=forward: forward(x)) for name, forward in forwards.items()}
@@ -113,7 +112,7 @@ def main() -> None:
         "repeats": args.repeats,
         "samples_s": {name: t["samples_s"] for name, t in timings.items()},
         "theory_extra_flops_over_base": {
-            "factored": round(2.5 * r / d, 3), "merged": round(r / d + r / n, 3), "merged_keep": round(r / d + r / (2 * n), 3)},
+            "factored": round(2.5 * r / d, 3), "merged": round(r / d + r / n, 3)},
         "machine": machine_info(),
     }
     print(json.dumps(result, indent=1))

@@ -56,9 +56,10 @@ from _common import PeakTensorMemory, interleaved_medians, machine_info
 from transformers import GemmaConfig, GemmaForCausalLM
 
 import pica
+from pica.tuner.layer import merged_form_applies
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's LLM groups
-PICA_MODES = ("auto", "factored", "merged", "merged_keep")
+PICA_MODES = ("auto", "factored")
 PRECISIONS = ("fp32", "autocast_bf16", "bf16")
 logger = logging.getLogger("train_throughput")
 
@@ -217,7 +218,9 @@ def form_probe(variant: Variant, precision: str, device: torch.device) -> Iterat
     layer = layers[0]
 
     def hook(module: nn.Module, args: tuple) -> None:
-        found["form_used"] = "merged" if module._use_merged_form(args[0], "default") else "factored"
+        merged = module.pica_forward_mode == "auto" and merged_form_applies(
+            args[0], module.get_base_layer(), module.get_update("default"), module.pica_P["default"])
+        found["form_used"] = "merged" if merged else "factored"
 
     handle = layer.register_forward_pre_hook(hook)
     try:

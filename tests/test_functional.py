@@ -33,10 +33,9 @@ def _reference(x, weight, bias, projector, update, in_out):
 
 
 @pytest.mark.parametrize("in_out", [False, True])
-@pytest.mark.parametrize("keep_merged", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_merged_op_gradients_equal_plain_reference(in_out, keep_merged, with_bias, weight_grad):
+def test_merged_op_gradients_equal_plain_reference(in_out, with_bias, weight_grad):
     generator = torch.Generator().manual_seed(0)
     in_features, out_features, rank = 24, 40, 6
     x = torch.randn(3, 11, in_features, generator=generator)
@@ -50,8 +49,7 @@ def test_merged_op_gradients_equal_plain_reference(in_out, keep_merged, with_bia
         leaves = [t.clone().requires_grad_(t is not None and (weight_grad or t is not w)) if t is not None else None
                   for t, w in ((x, weight), (weight, weight), (bias, weight), (update, weight))]
         xs, ws, bs, us = leaves
-        args = (xs, ws, bs, projector, us, in_out) + ((keep_merged,) if fn is merged_pica_linear else ())
-        out = fn(*args)
+        out = fn(xs, ws, bs, projector, us, in_out)
         out.backward(grad_out)
         results.append((out, xs.grad, ws.grad, None if bs is None else bs.grad, us.grad))
     for got, expected in zip(*results):
@@ -66,7 +64,7 @@ def test_merged_op_without_input_grad_saves_no_merged_weight_and_gives_update_gr
     weight = torch.randn(6, 8)
     projector = torch.eye(8)[:3]
     update = torch.randn(6, 3, requires_grad=True)
-    out = merged_pica_linear(x, weight, None, projector, update, keep_merged=True)
+    out = merged_pica_linear(x, weight, None, projector, update)
     out.sum().backward()
     assert torch.allclose(update.grad, torch.ones(5, 6).T @ (x @ projector.T))
 

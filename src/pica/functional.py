@@ -59,20 +59,19 @@ def _flops(tokens: int, in_features: int, out_features: int, rank: int, input_gr
         return total
     total = 2 * out_features * in_features * rank  # W0 + M P in forward
     total += 2 * tokens * rank * (in_features + out_features) if update_grad else 0  # x Pᵀ, gᵀ (x Pᵀ)
-    if input_grad and form == "merged":
+    if input_grad:
         total += 2 * out_features * in_features * rank  # W0 + M P again in backward
     return total
 
 
 def cheaper_form(
     tokens: int, in_features: int, out_features: int, rank: int, input_grad: bool, update_grad: bool,
-    keep_merged: bool = False,
 ) -> Literal["factored", "merged"]:
     """The form of the PiCa layer with fewer FLOPs for these shapes.
 
     Extra FLOPs over the frozen base (``N`` tokens, ``d = in = out``, both gradients): factored
-    ``10 N d r`` (≈ 2.5 r/d of the base), merged ``4 d² r + 4 N d r`` (≈ r/d + r/N), merged with the
-    merged weight kept for backward ``2 d² r + 4 N d r``. Small ``N`` favours the factored form.
+    ``10 N d r`` (≈ 2.5 r/d of the base), merged ``4 d² r + 4 N d r`` (≈ r/d + r/N). Small ``N``
+    favours the factored form.
 
     Args:
         tokens: number of rows of ``x`` (batch × sequence).
@@ -81,25 +80,23 @@ def cheaper_form(
         rank: ``rank``.
         input_grad: whether ``∂L/∂x`` is needed.
         update_grad: whether ``∂L/∂M`` is needed.
-        keep_merged: whether the merged form keeps ``W0 + M P`` from forward to backward.
 
     Returns:
         ``"factored"`` or ``"merged"``.
     """
     args = (tokens, in_features, out_features, rank, input_grad, update_grad)
-    merged = _flops(*args, form="merged_keep" if keep_merged else "merged")
-    return "merged" if merged < _flops(*args, form="factored") else "factored"
+    return "merged" if _flops(*args, form="merged") < _flops(*args, form="factored") else "factored"
 
 
 class _MergedPiCaLinear(torch.autograd.Function):
-    """``y = x (W0 + M P)ᵀ + b`` saving only ``x Pᵀ`` (and, optionally, the merged weight) for backward.
+    """``y = x (W0 + M P)ᵀ + b`` saving only ``x Pᵀ`` for backward.
 
     ``weight`` is in storage layout: ``(out, in)`` for ``nn.Linear``, ``(in, out)`` if ``in_out``
     (transformers ``Conv1D``, whose op ``addmm(b, x, W)`` is reproduced bit for bit when ``M = 0``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, projector, update, in_out: bool, keep_merged: bool):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, projector, update, in_out: bool):  # type: ignore[override]
         x_grad, weight_grad, bias_grad, _, update_grad = ctx.needs_input_grad[:5]
         if in_out:
             merged = torch.addmm(weight, projector.T, update.T)  # (in, out)
@@ -109,8 +106,7 @@ class _MergedPiCaLinear(torch.autograd.Function):
             merged = torch.addmm(weight, update, projector)  # (out, in)
             out = F.linear(x, merged, bias)  # (..., out)
         coordinates = F.linear(x, projector) if update_grad else None  # (..., rank)
-        kept = merged if (keep_merged and x_grad) else None
-        ctx.save_for_backward(coordinates, weight, projector, update, kept, x if weight_grad else None)
+        ctx.save_for_backward(coordinates, weight, projector, update, x if weight_grad else None)
         ctx.in_out = in_out
         ctx.has_bias = bias is not None
         return out
@@ -119,19 +115,19 @@ class _MergedPiCaLinear(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         if torch.is_grad_enabled():  # create_graph=True: x Pᵀ is saved as a constant, so a second derivative would be wrong
             raise RuntimeError(
-                "PiCa's merged forward form (PiCaConfig.forward_mode 'auto' picks it for large inputs, or 'merged'/"
-                "'merged_keep') supports first-order gradients only; for higher-order gradients (create_graph=True, "
+                "PiCa's merged forward form (PiCaConfig.forward_mode 'auto' picks it for large inputs) supports "
+                "first-order gradients only; for higher-order gradients (create_graph=True, "
                 "double backward, Hessian-vector products) use PiCaConfig(forward_mode='factored')")
-        coordinates, weight, projector, update, kept, x = ctx.saved_tensors
+        coordinates, weight, projector, update, x = ctx.saved_tensors
         x_grad, weight_grad, bias_grad, _, update_grad = ctx.needs_input_grad[:5]
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_x = grad_weight = grad_bias = grad_update = None
         if x_grad:
             if ctx.in_out:
-                merged = kept if kept is not None else torch.addmm(weight, projector.T, update.T)  # (in, out)
+                merged = torch.addmm(weight, projector.T, update.T)  # (in, out)
                 grad_x = grad_out @ merged.T  # (..., in)
             else:
-                merged = kept if kept is not None else torch.addmm(weight, update, projector)  # (out, in)
+                merged = torch.addmm(weight, update, projector)  # (out, in)
                 grad_x = grad_out @ merged  # (..., in)
         if update_grad:
             grad_update = flat_grad.T @ coordinates.reshape(-1, coordinates.shape[-1])  # (out, rank)
@@ -140,7 +136,7 @@ class _MergedPiCaLinear(torch.autograd.Function):
             grad_weight = flat_x.T @ flat_grad if ctx.in_out else flat_grad.T @ flat_x
         if bias_grad and ctx.has_bias:
             grad_bias = flat_grad.sum(0)  # (out,)
-        return grad_x, grad_weight, grad_bias, None, grad_update, None, None
+        return grad_x, grad_weight, grad_bias, None, grad_update, None
 
 
 def merged_pica_linear(
@@ -150,15 +146,13 @@ def merged_pica_linear(
     projector: torch.Tensor,
     update: torch.Tensor,
     in_out: bool = False,
-    keep_merged: bool = False,
 ) -> torch.Tensor:
     """The whole PiCa layer ``x (W0 + M P)ᵀ + b`` through the merged weight, with a lean backward.
 
     Forward builds ``W0 + M P`` (a transient ``out×in`` tensor) and multiplies once. Backward needs
     only ``x Pᵀ`` (``N×rank``, for ``∂L/∂M = gᵀ (x Pᵀ)``) and rebuilds ``W0 + M P`` for
-    ``∂L/∂x = g (W0 + M P)``; ``keep_merged=True`` keeps it instead (one ``out×in`` tensor of
-    activation memory per layer, saves one ``out×in×rank`` product). ``x`` is saved only if the base
-    weight itself requires a gradient. All tensors must share one dtype and device.
+    ``∂L/∂x = g (W0 + M P)``. ``x`` is saved only if the base weight itself requires a gradient.
+    All tensors must share one dtype and device.
 
     Args:
         x: ``(..., in_features)``.
@@ -167,9 +161,8 @@ def merged_pica_linear(
         projector: ``(rank, in_features)`` frozen ``P``.
         update: ``(out_features, rank)`` ``M``.
         in_out: ``weight`` is stored ``(in, out)`` (transformers ``Conv1D``).
-        keep_merged: keep ``W0 + M P`` for backward (memory for speed).
 
     Returns:
         ``(..., out_features)``.
     """
-    return _MergedPiCaLinear.apply(x, weight, bias, projector, update, in_out, keep_merged)
+    return _MergedPiCaLinear.apply(x, weight, bias, projector, update, in_out)

@@ -1,5 +1,7 @@
-"""Forward forms of the PiCa layer: every form gives the same outputs and gradients as the plain
-reference, merged forms only run where they are exact, gradient checkpointing works."""
+"""Forward forms of the PiCa layer: the merged product that ``forward_mode="auto"`` uses gives the same
+outputs and gradients as the factored form, runs only where it is exact, gradient checkpointing works.
+``forced`` makes ``auto`` pick the merged product whenever it is exact, whatever the FLOP count (the
+``"merged"`` mode of pica ≤ 0.2)."""
 
 import pytest
 import torch
@@ -8,10 +10,20 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pica import PiCaConfig
+from pica.tuner.layer import merged_form_applies
 from tests.conftest import example_inputs, make_gpt2, make_llama, pica_layers, randomize_updates
 
 FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}
-MODES = ["auto", "factored", "merged", "merged_keep"]
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """``auto`` takes the merged product wherever it is exact (the FLOP rule answers "merged")."""
+    monkeypatch.setattr("pica.tuner.layer.cheaper_form", lambda *args, **kwargs: "merged")
+
+
+def _merged(layer, x, name="default"):
+    return merged_form_applies(x, layer.get_base_layer(), layer.get_update(name), layer.pica_P[name])
 
 
 def _model(kind, mode, seed=3):
@@ -28,15 +40,17 @@ def _loss_and_grads(model, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("mode", ["merged", "merged_keep", "auto"])
-def test_every_form_matches_factored_outputs_and_m_gradients(kind, mode):
+@pytest.mark.parametrize("force", [True, False])
+def test_every_form_matches_factored_outputs_and_m_gradients(kind, force, monkeypatch):
     reference_loss, reference_grads = _loss_and_grads(_model(kind, "factored"), kind)
-    model = _model(kind, mode)
+    if force:
+        monkeypatch.setattr("pica.tuner.layer.cheaper_form", lambda *args, **kwargs: "merged")
+    model = _model(kind, "auto")
     layers = pica_layers(model)
-    assert all(layer.pica_forward_mode == mode for layer in layers.values())
+    assert all(layer.pica_forward_mode == "auto" for layer in layers.values())
     x = torch.randn(2, 7, next(iter(layers.values())).in_features)
-    if mode != "auto":
-        assert all(layer._use_merged_form(x, "default") for layer in layers.values())
+    if force:
+        assert all(_merged(layer, x) for layer in layers.values())
     loss, grads = _loss_and_grads(model, kind)
     assert torch.allclose(loss, reference_loss, rtol=1e-5)
     assert grads.keys() == reference_grads.keys()
@@ -45,12 +59,11 @@ def test_every_form_matches_factored_outputs_and_m_gradients(kind, mode):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("mode", ["merged", "merged_keep"])
-def test_identity_at_init_is_bitwise_in_merged_forms(kind, mode):
+def test_identity_at_init_is_bitwise_in_the_merged_form(kind, forced):
     base = FACTORIES[kind]()
     with torch.no_grad():
         expected = base(**example_inputs(kind)).logits
-    model = get_peft_model(base, PiCaConfig(rank=4, forward_mode=mode))
+    model = get_peft_model(base, PiCaConfig(rank=4))
     with torch.no_grad():
         assert torch.equal(model(**example_inputs(kind)).logits, expected)
 
@@ -62,7 +75,7 @@ class _SubclassedLinear(nn.Linear):
         return super().forward(x) * 2
 
 
-def _single_layer(base_layer, mode="merged"):
+def _single_layer(base_layer, mode="auto"):
     model = nn.Sequential()
     model.add_module("proj", base_layer)
     wrapped = get_peft_model(model, PiCaConfig(rank=3, target_modules=["proj"], forward_mode=mode))
@@ -70,58 +83,59 @@ def _single_layer(base_layer, mode="merged"):
     return wrapped, wrapped.base_model.model.proj
 
 
-def test_merged_form_is_not_used_for_non_plain_or_hooked_base_layers():
+def test_merged_form_is_not_used_for_non_plain_or_hooked_base_layers(forced):
     torch.manual_seed(0)
     x = torch.randn(4, 12)
     wrapped, layer = _single_layer(_SubclassedLinear(12, 8))
-    assert not layer._use_merged_form(x, "default")
+    assert not _merged(layer, x)
     base = layer.get_base_layer()
     expected = 2 * (x @ base.weight.T + base.bias)
     delta = (x @ layer.pica_P["default"].T) @ layer.get_update("default").T
     assert torch.allclose(wrapped(x), expected + delta, atol=1e-6)
 
     wrapped, layer = _single_layer(nn.Linear(12, 8))
-    assert layer._use_merged_form(x, "default")
+    assert _merged(layer, x)
     calls = []
     handle = layer.get_base_layer().register_forward_hook(lambda module, args, out: calls.append(1))
-    assert not layer._use_merged_form(x, "default")
+    assert not _merged(layer, x)
     wrapped(x)
     assert calls == [1]  # the hook ran: the base layer was called
     handle.remove()
-    assert layer._use_merged_form(x, "default")
+    assert _merged(layer, x)
 
 
-def test_merged_form_is_not_used_on_a_bf16_base_or_under_autocast():
+def test_merged_form_is_not_used_on_a_bf16_base_or_under_autocast(forced):
     torch.manual_seed(0)
     wrapped, layer = _single_layer(nn.Linear(12, 8).to(torch.bfloat16))
     x = torch.randn(4, 12).to(torch.bfloat16)
-    assert not layer._use_merged_form(x, "default")  # M, P stay fp32: W0 + M P in bf16 would lose M P
+    assert not _merged(layer, x)  # M, P stay fp32: W0 + M P in bf16 would lose M P
     wrapped, layer = _single_layer(nn.Linear(12, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._use_merged_form(torch.randn(4, 12), "default")
+        assert not _merged(layer, torch.randn(4, 12))
 
 
 def test_auto_picks_by_token_count():
     torch.manual_seed(0)
     _, layer = _single_layer(nn.Linear(64, 64), mode="auto")  # rank 3
     few, many = torch.randn(1, 64, requires_grad=True), torch.randn(512, 64, requires_grad=True)
-    assert not layer._use_merged_form(few, "default")
-    assert layer._use_merged_form(many, "default")
+    assert not _merged(layer, few)
+    assert _merged(layer, many)
 
 
-def test_conv1d_merged_form_matches_reference():
+def test_conv1d_merged_form_matches_reference(forced):
     torch.manual_seed(0)
-    wrapped, layer = _single_layer(Conv1D(8, 12), mode="merged")
+    wrapped, layer = _single_layer(Conv1D(8, 12))
     x = torch.randn(5, 12, requires_grad=True)
+    assert _merged(layer, x)
     out = wrapped(x)
     base = layer.get_base_layer()
     reference = x @ base.weight + base.bias + (x @ layer.pica_P["default"].T) @ layer.get_update("default").T
     assert torch.allclose(out, reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["merged", "merged_keep", "factored"])
+@pytest.mark.parametrize("mode", ["auto", "factored"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(mode, reentrant):
+def test_gradient_checkpointing_gives_the_same_gradients(mode, reentrant, forced):
     plain = _model("llama", mode)
     plain.train()
     _, expected = _loss_and_grads(plain, "llama")
@@ -147,12 +161,11 @@ def _m(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode", ["auto", "merged", "merged_keep"])
-def test_double_backward_through_a_merged_form_names_the_option(mode):
+def test_double_backward_through_a_merged_form_names_the_option():
     """Issue: a Hessian-vector product under the default ``auto`` was 0.69 off (the op saved ``x Pᵀ`` as a constant)."""
-    model = _layer_model(mode)
+    model = _layer_model("auto")
     x = torch.randn(64, 16)  # 64 tokens: ``auto`` picks the merged form
-    assert all(layer._use_merged_form(x, "default") for layer in pica_layers(model).values())
+    assert all(_merged(layer, x) for layer in pica_layers(model).values())
     params = list(_m(model).values())
     grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=False)  # first order: fine
     assert all(torch.isfinite(g).all() for g in grads)
@@ -184,12 +197,14 @@ def test_hessian_vector_product_in_the_factored_form_matches_finite_differences(
         assert torch.allclose(exact, approx, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["auto", "merged"])
-def test_torch_func_and_forward_ad_use_the_factored_form_and_agree_with_it(mode):
+@pytest.mark.parametrize("force", [False, True])
+def test_torch_func_and_forward_ad_use_the_factored_form_and_agree_with_it(force, monkeypatch):
     from torch.autograd import forward_ad
     from torch.func import functional_call, grad, jvp, vmap
 
-    reference, model = _layer_model("factored"), _layer_model(mode)
+    if force:
+        monkeypatch.setattr("pica.tuner.layer.cheaper_form", lambda *args, **kwargs: "merged")
+    reference, model = _layer_model("factored"), _layer_model("auto")
     x = torch.randn(64, 16)
     params = {name: p.detach() for name, p in _m(model).items()}
     tangent = {name: torch.randn_like(p) for name, p in params.items()}
@@ -209,3 +224,23 @@ def test_torch_func_and_forward_ad_use_the_factored_form_and_agree_with_it(mode)
         out = forward_ad.unpack_dual(model(dual)).tangent
         expected_out = forward_ad.unpack_dual(reference(dual)).tangent
     assert torch.allclose(out, expected_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("removed", ["merged", "merged_keep"])
+def test_a_removed_forward_mode_is_read_as_auto_with_a_warning(tmp_path, removed, caplog):
+    import json
+
+    from peft import PeftConfig, PeftModel
+
+    model = _model("llama", "auto")
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "forward_mode": removed}))
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    assert loaded.peft_config["default"].forward_mode == "auto"
+    assert PeftConfig.from_pretrained(tmp_path).forward_mode == "auto"  # peft's own reader takes the same path
+    with torch.no_grad():
+        assert torch.equal(loaded(**example_inputs("llama")).logits, model(**example_inputs("llama")).logits)
+    caplog.clear()
+    assert PiCaConfig(forward_mode=removed).forward_mode == "auto"
+    assert f"forward_mode='{removed}' was removed" in caplog.text

@@ -39,7 +39,6 @@ def _custom_model_rows(config_cls: type, full: bool) -> list[tuple[str, str, typ
         rows += [
             ("Vanilla MLP 8 PiCa regex", "MLP", config_cls, {"target_modules": r"lin\d", "rank": 2}),
             ("Vanilla MLP 9 PiCa factored", "MLP", config_cls, {**both, "forward_mode": "factored"}),
-            ("Vanilla MLP 10 PiCa merged_keep", "MLP", config_cls, {**both, "forward_mode": "merged_keep"}),
             ("Vanilla MLP 11 PiCa compact projector", "MLP", config_cls, {**both, "projector_storage": "compact"}),
             ("Vanilla MLP 12 PiCa random subspace", "MLP", config_cls, {**both, "subspace": "random"}),
             ("Conv2d 1 PiCa", "Conv2d", config_cls, {"target_modules": ["lin0"], "rank": 2}),

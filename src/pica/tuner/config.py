@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -13,7 +14,10 @@ from .quantized import BLOCK_SCALES, SCHEME_KEYS
 
 __all__ = ["PiCaConfig"]
 
+logger = logging.getLogger(__name__)
+
 _PROJECTOR_DTYPES = ("float32", "float64")
+_REMOVED_FORWARD_MODES = ("merged", "merged_keep")
 _SUBSPACES = ("top", "random")
 
 
@@ -50,9 +54,9 @@ class PiCaConfig(PeftConfig):
             and refused if it misses it), ``"none"`` (nothing; recomputed at load, unchecked).
         store_projector: init-only, not stored: the older name (True = ``"full"``), still read from files
             written by pica 0.1.0; must agree with ``projector_storage``.
-        forward_mode: ``"auto"`` (cheapest form per call), ``"factored"`` (``base(x) + (x Pᵀ) Mᵀ``),
-            ``"merged"`` (``x (W0 + M P)ᵀ``, rebuilt in backward), ``"merged_keep"`` (merged weight kept
-            from forward to backward: faster, one ``out×in`` tensor of activation memory per layer).
+        forward_mode: ``"auto"`` (default: ``x (W0 + M P)ᵀ`` in one product when exact and cheaper, else
+            factored) or ``"factored"`` (always ``base(x) + (x Pᵀ) Mᵀ``). Files of pica ≤ 0.2 may hold the
+            removed ``"merged"``/``"merged_keep"``: they are read as ``"auto"``, with a warning.
         init_weights: True (the method): every ``M`` starts at zero, so the model equals its base.
             False: ``M`` starts as small Gaussian noise (std ``0.1/sqrt(rank)``, from torch's current
             random state), for tests that need an adapter that changes the output from the start (peft's
@@ -95,8 +99,8 @@ class PiCaConfig(PeftConfig):
     projector_storage: Literal["full", "compact", "none"] = field(
         default="full", metadata={"help": "full (every P, exact) | compact (a sketch of each P) | none."}
     )
-    forward_mode: Literal["auto", "factored", "merged", "merged_keep"] = field(
-        default="auto", metadata={"help": "auto | factored | merged | merged_keep (memory for speed)."}
+    forward_mode: Literal["auto", "factored"] = field(
+        default="auto", metadata={"help": "auto (merged product when exact and cheaper) | factored."}
     )
     init_weights: bool = field(
         default=True, metadata={"help": "True: M = 0 (the method). False: small random M, for tests only."}
@@ -144,8 +148,12 @@ class PiCaConfig(PeftConfig):
             raise ValueError(f"PiCaConfig.subspace_seed must be a non-negative int, got {self.subspace_seed!r}")
         if self.projector_storage not in ("full", "compact", "none"):
             raise ValueError(f"PiCaConfig.projector_storage must be 'full', 'compact' or 'none', got {self.projector_storage!r}")
-        if self.forward_mode not in ("auto", "factored", "merged", "merged_keep"):
-            raise ValueError(f"PiCaConfig.forward_mode must be auto, factored, merged or merged_keep, got {self.forward_mode!r}")
+        if self.forward_mode in _REMOVED_FORWARD_MODES:  # e.g. an adapter_config.json of pica 0.2
+            logger.warning("PiCaConfig.forward_mode=%r was removed; using 'auto', which computes the merged product "
+                           "where it is exact and cheaper (the same outputs)", self.forward_mode)
+            self.forward_mode = "auto"
+        if self.forward_mode not in ("auto", "factored"):
+            raise ValueError(f"PiCaConfig.forward_mode must be 'auto' or 'factored', got {self.forward_mode!r}")
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) else layers

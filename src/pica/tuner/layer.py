@@ -25,16 +25,14 @@ try:  # FSDP2 keeps the parameters of a unit that is not running as DTensor shar
 except ImportError:  # torch built without distributed support
     _Sharded = ()
 
-from ..functional import delta_weight, merged_pica_linear, pica_delta
+from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
-from .forms import use_merged_form
 from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantized
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "fingerprint_mismatches", "merged_adapter_names",
-           "non_finite_alone", "pica_layers",
-           "refuse_quantized_merge"]
+           "merged_form_applies", "non_finite_alone", "pica_layers", "refuse_quantized_merge"]
 
 
 def pica_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, PiCaLayer]]:
@@ -122,6 +120,31 @@ def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
             "outputs by the rounding error. Instead: keep the adapter unmerged (the forward is exact), write a "
             "full-precision merged checkpoint with pica.export_merged(model, out_dir), or load the adapter onto the "
             "full-precision base and merge there.")
+
+
+def merged_form_applies(x: torch.Tensor, base: nn.Module, update: torch.Tensor, projector: torch.Tensor) -> bool:
+    """Whether ``forward_mode="auto"`` computes this call as ``x (W0 + M P)ᵀ + b`` in one product.
+
+    Only when exact and cheaper: a plain ``nn.Linear``/``Conv1D`` base (no quantised weight, no hooks,
+    no instance-level ``forward``), ``x``, ``W0``, ``P`` and ``M`` in one dtype and device (so
+    ``W0 + M P`` loses nothing to rounding), no autocast, no ``torch.func`` transform or forward-mode
+    AD (the merged op has no rules for them), and fewer FLOPs (:func:`pica.functional.cheaper_form`).
+
+    Args: x ``(..., in)``; base the base layer; update ``M (out, rank)``; projector ``P (rank, in)``.
+    """
+    weight = base.weight
+    hooks = (base._forward_hooks, base._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)
+    if (type(base) not in (nn.Linear, Conv1D) or type(weight) not in (nn.Parameter, torch.Tensor) or any(hooks)
+            or "forward" in vars(base) or torch.is_autocast_enabled(x.device.type)
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
+        return False
+    if not (x.dtype == weight.dtype == update.dtype == projector.dtype
+            and x.device == weight.device == update.device == projector.device):
+        return False
+    grad = torch.is_grad_enabled()
+    return cheaper_form(x.numel() // max(projector.shape[1], 1), projector.shape[1], update.shape[0], projector.shape[0],
+                        input_grad=grad and x.requires_grad, update_grad=grad and update.requires_grad) == "merged"
 
 
 class _DtypeKeepingBuffers(BufferDict):
@@ -297,20 +320,9 @@ class Linear(nn.Module, PiCaLayer):
         PiCaLayer.__init__(self, base_layer, updates, **kwargs)
         self._active_adapter = adapter_name
 
-    def _use_merged_form(self, x: torch.Tensor, name: str, *args: Any, **kwargs: Any) -> bool:
-        """Whether this call uses the merged form (see :func:`pica.tuner.forms.use_merged_form`)."""
-        return use_merged_form(self.pica_forward_mode, x, self.get_base_layer(), self.get_update(name),
-                               self.pica_P[name], extra_arguments=bool(args or kwargs))
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base_layer(x) + (x Pᵀ) Mᵀ``, computed in the form chosen by ``pica_forward_mode``.
-
-        ``"factored"``: ``base_layer(x)`` plus the factored term (any base layer, any dtype).
-        ``"merged"``: ``x (W0 + M P)ᵀ + b`` in one product, saving only ``x Pᵀ`` for backward and
-        rebuilding ``W0 + M P`` there. ``"merged_keep"``: the same, keeping ``W0 + M P`` for backward
-        (one ``out×in`` tensor of activation memory per layer, faster). ``"auto"`` (default): the form
-        with fewer FLOPs for this call's shapes (small token counts favour factored). Merged forms
-        apply only when exact (see :func:`pica.tuner.forms.use_merged_form`).
+        """``base_layer(x) + (x Pᵀ) Mᵀ``; with ``forward_mode="auto"``, as ``x (W0 + M P)ᵀ + b`` in one
+        product when that is exact and cheaper (:func:`merged_form_applies`).
 
         Args: x ``(..., in_features)``. Returns ``(..., out_features)`` in the base output dtype.
         """
@@ -324,10 +336,11 @@ class Linear(nn.Module, PiCaLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.pica_P]
-        if len(active) == 1 and self._use_merged_form(x, active[0], *args, **kwargs):
-            base = self.get_base_layer()
+        base = self.get_base_layer()
+        if (len(active) == 1 and self.pica_forward_mode == "auto" and not (args or kwargs)
+                and merged_form_applies(x, base, self.get_update(active[0]), self.pica_P[active[0]])):
             return merged_pica_linear(x, base.weight, base.bias, self.pica_P[active[0]], self.get_update(active[0]),
-                                      in_out=isinstance(base, Conv1D), keep_merged=self.pica_forward_mode == "merged_keep")
+                                      in_out=isinstance(base, Conv1D))
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             result = result + pica_delta(x, self.pica_P[name], self.get_update(name)).to(result.dtype)
