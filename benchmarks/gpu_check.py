@@ -341,7 +341,7 @@ def four_bit_row(quant_type: str, nested: bool, storage: torch.dtype, source_dty
     import bitsandbytes as bnb
 
     from pica.projector import top_right_singular_vectors
-    from pica.tuner.quantized import dequantized
+    from pica.base_weights import dequantized
 
     row: dict = {"quant_type": quant_type, "double_quant": nested, "quant_storage": str(storage).removeprefix("torch."),
                  "source_dtype": str(source_dtype).removeprefix("torch.")}
@@ -473,7 +473,7 @@ def _reload(base, adapter: Path, inputs: dict, gpu_projectors: dict, gpu_logits:
     """Load ``adapter`` onto the CPU ``base``: its ``P`` and logits against the GPU model's."""
     from peft import PeftModel
 
-    from pica.tuner.quantized import is_cpu_packed
+    from pica.base_weights import is_cpu_packed
     from tests.conftest import model_output
 
     packed = sum(is_cpu_packed(module) for module in base.modules())
@@ -496,7 +496,7 @@ def four_bit_end_to_end(entry: dict, device: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from pica import PiCaConfig
-    from pica.tuner.quantized import keep_unpacked
+    from pica.base_weights import keep_unpacked
     from tests.conftest import example_inputs, model_output, randomize_updates
     from tests.quantized_fixtures import PACKABLE, quantization_config, save_llama
 
@@ -554,7 +554,7 @@ def four_bit_end_to_end(entry: dict, device: str) -> None:
 def eight_bit_row(threshold: float, device: str = "cuda", reference: str = "cpu") -> dict:
     import bitsandbytes as bnb
 
-    from pica.tuner.quantized import dequantized
+    from pica.base_weights import dequantized
 
     weight = _structured_weight(LAYOUT_SHAPE, torch.float16)
 

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from .io import atomic_directory
 from .tuner.config import PiCaConfig
 from .tuner.layer import PiCaLayer, base_weight_out_in, pica_layers
-from .tuner.quantized import is_quantized, quantized_from_dtype
+from .base_weights import is_quantized, quantized_from_dtype
 
 logger = logging.getLogger(__name__)
 

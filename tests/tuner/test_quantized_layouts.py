@@ -1,7 +1,7 @@
 """Every layout bitsandbytes keeps a quantised weight in, on any host.
 
 bitsandbytes repacks a 4-bit layer in place for its CPU kernel on CPUs with AVX512-BF16 (see
-:mod:`pica.tuner.quantized`). Here weights are packed by calling bitsandbytes's own conversion
+:mod:`pica.base_weights`). Here weights are packed by calling bitsandbytes's own conversion
 (``bitsandbytes.functional._convert_weight_packed_for_cpu``, pure torch) so that pica's reader, the
 recorded scheme, saves and loads are checked on hosts without that kernel too; the few checks that
 need the packed kernel to run a forward are marked and run where bitsandbytes has it.
@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 
 from pica import PiCaConfig
 from pica.analysis.weights import linear_weights
-from pica.tuner.quantized import _differentiable_output, dequantized, guard_quantized_layers, is_cpu_packed, keep_unpacked, layer_scheme
+from pica.base_weights import _differentiable_output, dequantized, guard_quantized_layers, is_cpu_packed, keep_unpacked, layer_scheme
 from tests.conftest import pica_layers, randomize_updates
 from tests.quantized_fixtures import HAS_PACKED_KERNEL, bnb, load_quantized, save_llama
 

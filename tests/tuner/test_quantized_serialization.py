@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from pica import PiCaConfig, export_merged
 from pica.io import AdapterFileError
-from pica.tuner.quantized import base_weight_out_in
+from pica.base_weights import base_weight_out_in
 from tests.conftest import pica_layers, randomize_updates
 from tests.quantized_fixtures import load_quantized, save_llama, bnb_layout  # noqa: F401 (fixture)
 

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..naming import parse_module_path
-from ..tuner.quantized import base_weight_out_in
+from ..base_weights import base_weight_out_in
 
 __all__ = ["adapted_weights", "linear_weights", "weight_pairs"]
 

@@ -136,7 +136,7 @@ def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = No
     A new classification head is initialised from torch's current RNG state: seed before calling.
     ``quantize``: load the linear layers quantised (see :func:`quantization_kwargs`), except the task head,
     which is trained in full: ``head_modules`` if given, else a classifier's ``classifier``/``score``/``pooler``;
-    bitsandbytes's CPU-packed 4-bit kernel is not used (:func:`pica.tuner.quantized.keep_unpacked`: it has
+    bitsandbytes's CPU-packed 4-bit kernel is not used (:func:`pica.base_weights.keep_unpacked`: it has
     no gradients, and ``pica eval`` reproduces the numbers the run measured with the kernel it used).
     """
     source, extra = model_source(model, gguf_file)
@@ -158,7 +158,7 @@ def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = No
     if pad_token_id is not None and getattr(loaded.config, "pad_token_id", None) is None:
         loaded.config.pad_token_id = pad_token_id
     if quantize is not None:  # one kernel for training and every evaluation of a run, on every CPU
-        from ..tuner.quantized import keep_unpacked
+        from ..base_weights import keep_unpacked
 
         keep_unpacked(loaded)
     return loaded

@@ -10,7 +10,8 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .peft_type import PICA_PEFT_TYPE
-from .quantized import BLOCK_SCALES, SCHEME_KEYS
+from ..base_weights import SCHEME_KEYS
+from .quantized import BLOCK_SCALES
 
 __all__ = ["PiCaConfig"]
 

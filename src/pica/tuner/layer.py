@@ -27,7 +27,8 @@ except ImportError:  # torch built without distributed support
 
 from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
-from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantized
+from ..base_weights import base_shape, base_weight_out_in, is_quantized
+from .quantized import adapter_view
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from . import adapter_state, loading
 from .config import PiCaConfig
 from .layer import Linear, PiCaLayer, merged_adapter_names, non_finite_alone, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
-from .quantized import is_quantized, guard_quantized_layers
+from ..base_weights import guard_quantized_layers, is_quantized
 from .peft_type import PICA_PREFIX
 from .targets import DEFAULT_TARGET_MODULES
 

@@ -22,8 +22,8 @@ from ..fingerprint import FINGERPRINT_SIZE, weight_fingerprint
 from ..projector_batch import LazyWeight, top_right_singular_vectors_many
 from ..grouping import roles as group_roles, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
-from .quantized import (adapter_view, base_shape, base_weight_out_in, check_supported, is_quantized,
-                        quantization_record, requantized_weight, target_schemes)
+from ..base_weights import base_shape, base_weight_out_in, check_supported, is_quantized
+from .quantized import adapter_view, quantization_record, requantized_weight, target_schemes
 
 logger = logging.getLogger(__name__)
 
