@@ -263,10 +263,11 @@ def test_peft_type_is_registered():
     assert peft.PeftType.PICA in peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING
     import importlib
 
-    import pica.tuner.registration as registration
+    import pica.tuner
 
-    importlib.reload(registration)
-    registration.register()  # second registration is a no-op
+    importlib.reload(pica.tuner)
+    pica.tuner.register()  # second registration is a no-op
+    assert peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType.PICA] is pica.tuner.PiCaConfig
 
 
 def test_inference_mode_forward_equals_eager_and_works_when_built_inside():

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, TaskType, VeraConfig, get_peft_model
 from torch import nn
 
 from ..tuner.config import PiCaConfig
-from ..tuner.targets import DEFAULT_TARGET_MODULES
+from ..tuner.config import DEFAULT_TARGET_MODULES
 from .config import RecipeConfig
 
 logger = logging.getLogger(__name__)

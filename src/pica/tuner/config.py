@@ -1,4 +1,5 @@
-"""``PiCaConfig``: the PEFT config of PiCa, validated on construction and on load."""
+"""``PiCaConfig``: the PEFT config of PiCa, validated on construction and on load, and PiCa's name in peft
+(``PeftType.PICA``, added to peft's str-enum with ``aenum.extend_enum`` once per process)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import logging
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal, Optional, Union
 
+import aenum
 from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
 
-from .peft_type import PICA_PEFT_TYPE
 from ..base_weights import SCHEME_KEYS
 from .quantized import BLOCK_SCALES
 
-__all__ = ["PiCaConfig"]
+__all__ = ["DEFAULT_TARGET_MODULES", "PICA_NAME", "PICA_PEFT_TYPE", "PICA_PREFIX", "PiCaConfig"]
+
+PICA_NAME = "pica"
+PICA_PREFIX = "pica_"
+if not hasattr(PeftType, PICA_NAME.upper()):
+    aenum.extend_enum(PeftType, PICA_NAME.upper(), PICA_NAME.upper())
+PICA_PEFT_TYPE: PeftType = getattr(PeftType, PICA_NAME.upper())
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +197,61 @@ def _check_base_quantization(record: Any) -> None:
     modules = record["unquantized_modules"]
     if not isinstance(modules, list) or not all(isinstance(name, str) for name in modules):
         raise ValueError(f"PiCaConfig.base_quantization['unquantized_modules'] must be a list of str, got {modules!r}")
+
+
+# DEFAULT_TARGET_MODULES: ``target_modules`` per transformers ``model_type``, used when the config gives none.
+#
+# The rule: PiCa's roles, the paper's choice (the attention query, key and value projections and the
+# MLP up and down projections; a fused projection such as ``query_key_value`` or ``qkv_proj`` is one
+# role), under each architecture's own module names, for every model type peft's LoRA mapping lists
+# (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``) and a few more. Encoders target the attention
+# projections and the three dense layers of each block, and never the pooler. Encoder-decoder models
+# (T5, mT5, BART) adapt the same roles in the encoder, the decoder's self-attention and its
+# cross-attention (each its own group). Multimodal models adapt their language model only.
+_DECODER = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+_BERT_LIKE = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+_VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", *_BERT_LIKE]
+_T5 = ["q", "k", "v", "wi", "wi_0", "wi_1", "wo"]  # gated T5 (v1.1, mT5) splits wi into wi_0 / wi_1
+_DEBERTA = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    **{
+        model_type: _DECODER
+        for model_type in (
+            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+            "gemma3_text", "olmo", "olmo2", "smollm3", "granite", "cohere", "stablelm", "llama4_text",
+            "gemma4_text", "nemotron_h",
+        )
+    },
+    "gpt2": ["c_attn", "c_fc"],
+    **{model_type: _BERT_LIKE for model_type in ("bert", "roberta", "xlm-roberta", "electra")},
+    # ViT-style encoders: transformers ≥5 names (q/k/v/o_proj, fc1/fc2) and the older BERT-style names.
+    **{model_type: _VIT for model_type in ("vit", "dinov2", "deit")},
+    "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": _DEBERTA,
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    # Other decoders, same roles (attention q/k/v, MLP up/down) under their own names; fused projections
+    # (query_key_value, qkv_proj, gate_up_proj) are one role each.
+    **{model_type: ["q_proj", "k_proj", "v_proj", "fc1", "fc2"] for model_type in ("opt", "phi")},
+    "gptj": ["q_proj", "k_proj", "v_proj", "fc_in", "fc_out"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "c_fc", "c_proj"],
+    **{model_type: ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"] for model_type in ("gpt_neox", "falcon", "bloom")},
+    "phi3": ["qkv_proj", "gate_up_proj", "down_proj"],
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "c_fc", "c_proj"],
+    "codegen": ["qkv_proj", "fc_in", "fc_out"],
+    "gpt_bigcode": ["c_attn", "mlp.c_fc", "mlp.c_proj"],  # attn.c_proj is the output projection
+    "mpt": ["Wqkv", "up_proj", "down_proj"],
+    "rwkv": ["attention.key", "attention.value", "attention.receptance", "feed_forward.key", "feed_forward.value"],
+    "layoutlm": _BERT_LIKE,
+    **{model_type: _T5 for model_type in ("t5", "mt5")},
+    "bart": ["q_proj", "k_proj", "v_proj", "fc1", "fc2"],
+    # multimodal: the language model only (a regex over the whole module path)
+    "llama4": r".*language_model\..*\.(q_proj|k_proj|v_proj|up_proj|down_proj)",
+    "gemma4": r".*language_model\..*\.(q_proj|k_proj|v_proj|up_proj|down_proj)",
+    "blip-2": r".*language_model\..*\.(q_proj|k_proj|v_proj|fc1|fc2|q|k|v|wi|wi_0|wi_1|wo)",
+    # remote-code architectures (not in transformers; names from their published modelling code, untested here)
+    **{model_type: ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"]
+       for model_type in ("RefinedWeb", "RefinedWebModel", "chatglm")},
+    "btlm": ["c_attn", "mlp.c_fc", "mlp.c_fc2", "mlp.c_proj"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "key", "value"],
+}

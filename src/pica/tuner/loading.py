@@ -51,9 +51,8 @@ from ..module_state import restore_on_error
 from ..patterns import check_pattern_cost
 from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
 from .adapter_state import UPDATE_PREFIX, auxiliary_tensors, state_dict_module_name
-from .config import PiCaConfig
+from .config import PICA_PEFT_TYPE, PiCaConfig
 from .layer import fingerprint_mismatches, merged_adapter_names, pica_layers
-from .peft_type import PICA_PEFT_TYPE
 from .quantized import adapter_view
 
 __all__ = ["ORTHONORMAL_TOLERANCE", "call_arguments", "check_arguments", "check_for_model", "load_checked",

@@ -20,12 +20,10 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import adapter_state, loading
-from .config import PiCaConfig
+from .config import DEFAULT_TARGET_MODULES, PICA_PREFIX, PiCaConfig
 from .layer import Linear, PiCaLayer, merged_adapter_names, non_finite_alone, pica_layers, refuse_quantized_merge
 from .plan import AdapterPlan, plan_adapter
 from ..base_weights import guard_quantized_layers, is_quantized
-from .peft_type import PICA_PREFIX
-from .targets import DEFAULT_TARGET_MODULES
 
 __all__ = ["PiCaModel"]
 
