@@ -65,7 +65,9 @@ def select_for_save(model: nn.Module, config, adapter_name: str, state_dict: dic
             key = f"{name}.{tensor}.{adapter_name}"
             if key not in state_dict:
                 raise ValueError(f"PiCa adapter '{adapter_name}': the state dict has no {key}")
-            selected[key] = state_dict[key]
+            tensor = state_dict[key]  # a P shared with a wider adapter's is a view: the file gets its own rows
+            shared = not tensor.is_meta and tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
+            selected[key] = tensor.clone() if shared else tensor
         if config.projector_storage == "compact":
             selected[f"{name}.pica_sketch.{adapter_name}"] = projector_sketch(layer.pica_P[adapter_name])
     return selected

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -27,6 +28,7 @@ except ImportError:  # torch built without distributed support
 
 from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
+from ..shared_storage import apply_keeping_shares, share, take_for_load
 from ..base_weights import base_shape, base_weight_out_in, is_quantized
 from .quantized import adapter_view
 
@@ -75,8 +77,11 @@ def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tenso
 
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook: remember this layer's name and whether the call loads its base weight or
-    a fingerprint."""
+    a fingerprint; keep shared projectors right (:func:`pica.shared_storage.take_for_load`)."""
     module._pica_loading = (prefix.rstrip("."), {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)})
+    for adapter in list(module.pica_P):  # a shared P is written in place: never change the other adapters'
+        if (key := f"{prefix}pica_P.{adapter}") in state_dict:
+            state_dict[key] = take_for_load(module.pica_P, adapter, state_dict[key])
 
 
 def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> None:
@@ -154,7 +159,8 @@ class _DtypeKeepingBuffers(BufferDict):
     ``P`` (float32) and the fingerprints (float64) describe the base weight; a whole-model cast
     (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``) would round them (``P`` in bf16 is no
     longer orthonormal to 1e-4, and such an adapter could not be loaded again). ``M`` is a parameter
-    elsewhere and follows casts as peft's adapter weights do.
+    elsewhere and follows casts as peft's adapter weights do. Adapters sharing one ``P`` storage
+    (:mod:`pica.shared_storage`) still share it after a move.
     """
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_DtypeKeepingBuffers":
@@ -162,14 +168,15 @@ class _DtypeKeepingBuffers(BufferDict):
             moved = fn(tensor)
             return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
 
-        return super()._apply(keep_dtype, recurse)
+        tensors = [tensor for tensor in self._buffers.values() if tensor is not None]
+        return super()._apply(apply_keeping_shares(tensors, keep_dtype), recurse)
 
 
 class PiCaLayer(BaseTunerLayer):
     """Per-layer state, the lookup of the group's ``M``, and merge logic."""
 
     adapter_layer_names = ()  # the trainable M lives on the tuner, not on layers
-    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme")  # pica_unset: a set
+    other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme", "pica_origin")
 
     def __init__(self, base_layer: nn.Module, updates: nn.ModuleDict, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -179,6 +186,7 @@ class PiCaLayer(BaseTunerLayer):
         self.rank: dict[str, int] = {}
         self.pica_group: dict[str, str] = {}  # adapter → key of its group's M (see grouping.update_key)
         self.pica_scheme: dict[str, Optional[dict]] = {}  # adapter → its base_quantization record (quantized.adapter_view)
+        self.pica_origin: dict[str, tuple] = {}  # adapter → how its P was made (subspace, seed, dtype, scheme)
         self._base_fingerprint: dict[str, torch.Tensor] = {}  # of this base weight, computed at injection
         self.pica_unset: set[str] = set()  # adapters made on a meta-device base: P never computed nor loaded
         self._disable_adapters = False
@@ -190,7 +198,7 @@ class PiCaLayer(BaseTunerLayer):
         self.register_load_state_dict_post_hook(_check_loaded_fingerprints)
 
     def update_layer(self, adapter_name: str, group_key: str, projector: torch.Tensor, fingerprint: torch.Tensor,
-                     inference_mode: bool = False, scheme: Optional[dict] = None) -> None:
+                     inference_mode: bool = False, scheme: Optional[dict] = None, origin: tuple = ()) -> None:
         """Attach adapter ``adapter_name``.
 
         Args:
@@ -201,6 +209,8 @@ class PiCaLayer(BaseTunerLayer):
             inference_mode: freeze the adapter.
             scheme: the quantisation scheme ``P`` and the fingerprint were taken through, for a
                 full-precision base of an adapter trained quantised (see :mod:`pica.tuner.quantized`).
+            origin: how ``P`` was made (see :meth:`held_projector`). A ``P`` that agrees with one held by
+                another adapter is stored once (:func:`pica.shared_storage.share`).
 
         Raises:
             ValueError: ``M`` or ``P`` does not fit this layer's shape.
@@ -213,7 +223,8 @@ class PiCaLayer(BaseTunerLayer):
         self.rank[adapter_name] = rank
         self.pica_group[adapter_name] = group_key
         self.pica_scheme[adapter_name] = scheme
-        self.pica_P[adapter_name] = projector
+        self.pica_origin[adapter_name] = origin
+        self.pica_P[adapter_name] = share(self.pica_P, projector.to(torch.float32))
         (self.pica_unset.add if projector.is_meta else self.pica_unset.discard)(adapter_name)
         self.pica_fingerprint[adapter_name] = fingerprint
         self._base_fingerprint[adapter_name] = fingerprint.detach().clone()
@@ -222,11 +233,19 @@ class PiCaLayer(BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move ``P`` and the fingerprint to the base layer's device, keeping their dtypes."""
         target = device if device is not None else self.get_base_layer().weight.device
-        if target.type == "meta":
-            return
-        for buffers in (self.pica_P, self.pica_fingerprint):
-            if adapter_name in buffers:
-                buffers[adapter_name] = buffers[adapter_name].to(target)
+        if target.type != "meta":  # every adapter's: a layer's P live with its base (and shares stay whole)
+            self.pica_P._apply(lambda tensor: tensor.to(target))
+            self.pica_fingerprint._apply(lambda tensor: tensor.to(target))
+
+    def held_projector(self, origin: tuple, rank: int, fingerprint: torch.Tensor) -> Optional[torch.Tensor]:
+        """The leading ``rank`` rows of a ``P`` this layer holds for another adapter, made the same way
+        (``origin``: subspace, seed, projector dtype, quantisation scheme) from this very base weight (its
+        fingerprint at that adapter's injection equals ``fingerprint``), with at least ``rank`` rows; or None."""
+        for name, projector in self.pica_P.items():
+            if (origin and self.pica_origin.get(name) == origin and name not in self.pica_unset
+                    and projector.shape[0] >= rank and torch.equal(self._base_fingerprint[name], fingerprint)):
+                return projector[:rank]
+        return None
 
     def check_projector(self, adapter_name: str) -> None:
         """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base)."""
@@ -364,12 +383,22 @@ class Linear(nn.Module, PiCaLayer):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
                              "first.")
         result = self.base_layer(x, *args, **kwargs)
+        groups: dict[tuple, list[str]] = {}  # adapters on one P storage (and one M dtype): one projection
         for name in dict.fromkeys(adapter_names):  # each adapter once, in order of first use
-            if name not in self.pica_P:
-                continue
-            rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
-            delta = pica_delta(x.index_select(0, rows), self.pica_P[name], self.get_update(name))
-            result = result.index_add(0, rows, delta.to(result.dtype))
+            if name in self.pica_P:
+                projector = self.pica_P[name]
+                storage = name if projector.is_meta else projector.untyped_storage().data_ptr()
+                groups.setdefault((storage, self.get_update(name).dtype), []).append(name)
+        for (_, dtype), names in groups.items():
+            rows = [i for i, row in enumerate(adapter_names) if row in names]
+            widest = max(names, key=lambda name: self.rank[name])  # the others hold its leading rows
+            x_rows = x.index_select(0, torch.tensor(rows, device=x.device)).to(dtype)
+            coordinates = F.linear(x_rows, self.pica_P[widest].to(dtype))  # (len(rows), ..., rank of widest)
+            for name in names:
+                picked = [k for k, i in enumerate(rows) if adapter_names[i] == name]
+                own = coordinates.index_select(0, torch.tensor(picked, device=x.device))[..., : self.rank[name]]
+                delta = F.linear(own, self.get_update(name))  # (len(picked), ..., out_features)
+                result = result.index_add(0, torch.tensor([rows[k] for k in picked], device=x.device), delta.to(result.dtype))
         return result
 
     def __repr__(self) -> str:

@@ -133,7 +133,7 @@ class PiCaModel(BaseTuner):
         else:
             layer = Linear(target, adapter_name, self.pica_M, forward_mode=peft_config.forward_mode)
         layer.update_layer(adapter_name, layer_plan.group_key, layer_plan.projector, layer_plan.fingerprint,
-                           inference_mode=peft_config.inference_mode, scheme=layer_plan.scheme)
+                           inference_mode=peft_config.inference_mode, scheme=layer_plan.scheme, origin=layer_plan.origin)
         layer.pica_forward_mode = peft_config.forward_mode
         if layer is not target:
             if adapter_name not in self.active_adapters:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..projector_batch import LazyWeight, top_right_singular_vectors_many
 from ..grouping import roles as group_roles, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
 from ..base_weights import base_shape, base_weight_out_in, check_supported, is_quantized
+from .layer import PiCaLayer
 from .quantized import adapter_view, quantization_record, requantized_weight, target_schemes
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,15 @@ class LayerPlan:
         fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
         scheme: for a full-precision base of an adapter trained on its quantised form, the scheme that
             ``P`` and the fingerprint were taken through (:func:`pica.tuner.quantized.target_schemes`).
+        origin: how ``P`` is made here: subspace, its seed, projector dtype, the scheme read through
+            (an adapter with the same origin on the same weight takes the ``P`` a layer already holds).
     """
 
     group_key: str
     projector: torch.Tensor
     fingerprint: torch.Tensor
     scheme: dict | None = None
+    origin: tuple = ()
 
 
 @dataclass
@@ -146,6 +151,8 @@ def plan_adapter(
     groups = {name: update_key(role) for name, role in roles.items()}
     record = base_quantization if base_quantization is not None else quantization_record(targets)
     schemes = target_schemes(record, targets)  # how to read each target trained quantised (see quantized.adapter_view)
+    origins = {name: (subspace, subspace_seed if subspace == "random" else None, str(projector_dtype),
+                      json.dumps(schemes.get(name), sort_keys=True)) for name in targets}
 
     def read(name: str) -> torch.Tensor:  # (out, in); a new tensor for quantised (or re-quantised) weights
         return adapter_view(targets[name], schemes.get(name))
@@ -178,16 +185,22 @@ def plan_adapter(
             random_rows = random_orthonormal_rows(name, rank, shapes[name][1], subspace_seed)  # (rank, in)
             projectors[name] = random_rows.to(devices[name])
             _log_progress(index + 1, len(real), name, shapes[name])
-    else:
+    else:  # a P another adapter holds, made the same way from this weight, is taken as it is
+        held = {name: projector for name in real if isinstance(layer := model.get_submodule(name), PiCaLayer)
+                and (projector := layer.held_projector(origins[name], rank, fingerprints[name])) is not None}
+        todo = [name for name in real if name not in held]
         finished = itertools.count(1)  # next() is atomic under the GIL: a thread-safe counter
 
         def done(index: int) -> None:
-            _log_progress(next(finished), len(real), real[index], shapes[real[index]])
+            _log_progress(next(finished), len(todo), todo[index], shapes[todo[index]])
 
         sources = [LazyWeight(shapes[name], devices[name], functools.partial(read, name))
-                   if is_quantized(targets[name]) or name in schemes else read(name) for name in real]
+                   if is_quantized(targets[name]) or name in schemes else read(name) for name in todo]
         computed = top_right_singular_vectors_many(sources, rank, projector_dtype, done=done) if sources else []
-        projectors = {name: projector.float() for name, projector in zip(real, computed)}  # (rank, in_features)
+        projectors = {**held, **{name: projector.float() for name, projector in zip(todo, computed)}}  # (rank, in)
+        if held:
+            logger.info("PiCa: %d of %d projectors taken from another adapter's (same weight and settings)",
+                        len(held), len(real))
     layers: dict[str, LayerPlan] = {}
     for name, shape in shapes.items():
         if name not in fingerprints:  # a weightless (meta) base
@@ -195,7 +208,7 @@ def plan_adapter(
             fingerprint = torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta")
         else:
             projector, fingerprint = projectors[name], fingerprints[name]
-        layers[name] = LayerPlan(groups[name], projector, fingerprint, schemes.get(name))
+        layers[name] = LayerPlan(groups[name], projector, fingerprint, schemes.get(name), origins[name])
     updates = {}
     for role, names in members.items():
         device = targets[names[0]].weight.device
