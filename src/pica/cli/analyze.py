@@ -59,7 +59,8 @@ def find_inputs(path: str | Path, base: Optional[str] = None) -> list[AnalysisIn
         FileNotFoundError: ``path`` (or ``--base``) does not exist or holds no adapter/model/run.
         ValueError: the base model is unknown (no ``--base``, ``run.json`` or adapter record).
     """
-    from ..recipes.saved import find_saved, read_run_info
+    from ..recipes.run_records import read_run_info
+    from ..recipes.saved import find_saved
 
     path = Path(path)
     if not path.is_dir():

@@ -79,12 +79,11 @@ def _saved_context(args: argparse.Namespace, overrides: dict[str, Any]):
     recorded ``base_model_name_or_path``.
     """
     from ..recipes.models import absolute_if_local
+    from ..recipes.run_records import RUN_INFO_KEYS
     from ..recipes.saved import adapter_config, find_saved
 
     directory, kind, info = find_saved(args.adapter)
-    settings = {key: info.get(key) for key in ("task", "task_options", "model", "gguf_file", "dtype", "max_length",
-                                               "quantize")}
-    settings = {k: v for k, v in settings.items() if v is not None}
+    settings = {key: info[key] for key in RUN_INFO_KEYS if info.get(key) is not None}
     settings.update(overrides)
     if kind == "adapter" and not settings.get("model"):
         recorded = adapter_config(directory).get("base_model_name_or_path")
@@ -148,9 +147,10 @@ def run_eval(args: argparse.Namespace) -> int:
     """``pica eval``: evaluate a saved adapter (any method) or model on a task."""
     from ..io import atomic_directory
     from ..recipes.config import RecipeError, resolve_recipe
-    from ..recipes.harness import PreparedRun, evaluate_model
+    from ..recipes.harness import evaluate_model
     from ..recipes.models import load_processor
-    from ..recipes.results import write_json
+    from ..recipes.prepared import PreparedRun
+    from ..recipes.results import write_json, write_jsonl
     from ..recipes.saved import load_saved
     from ..recipes.tasks import get_task, task_modality
 
@@ -192,8 +192,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if output_dir:
         with atomic_directory(output_dir, recipe.overwrite, "output_dir", eval_inputs) as staging:
             write_json(staging / "results.json", result)
-            (staging / "predictions.jsonl").write_text(
-                "".join(json.dumps(p, default=str) + "\n" for p in evaluation["predictions"]), encoding="utf-8")
+            write_jsonl(staging / "predictions.jsonl", evaluation["predictions"])
     return 0
 
 

@@ -21,8 +21,10 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Early
 
 from .config import RecipeConfig, RecipeError
 from .measure import projector_progress
-from .methods import apply_method, default_head_modules, parameter_split
+from .methods import apply_method, parameter_split
+from .heads import default_head_modules
 from .models import load_base_model
+from .prepared import PreparedRun
 from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progre
     )
 
 
-def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
+def build_model(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: int,
                 progress: bool = False) -> tuple[torch.nn.Module, list[str], float]:
     """The model ``fit`` trains: the base (quantised by bitsandbytes and prepared for k-bit training if
     ``recipe.quantize``), a new task head drawn after ``set_seed(seed)``, and ``method`` applied.
@@ -169,7 +171,7 @@ def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
     return model, heads, time.perf_counter() - started
 
 
-def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examples: list[dict],
+def fit(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: int, train_examples: list[dict],
         validation_examples: Optional[list[dict]], output_dir: Path, progress: bool) -> Fitted:
     """Train ``method`` with ``recipe`` (its ``lr`` already a number) on ``train_examples``.
 
@@ -180,7 +182,8 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
     the returned trainer holds (``load_best_model_at_end``).
 
     Args:
-        prepared: the :class:`pica.recipes.harness.PreparedRun` (task, options, tokenizer).
+        prepared: the comparison (task, options, tokenizer).
+        recipe: the method's resolved recipe (``prepared.methods[method].recipe``), ``lr`` a number.
         output_dir: Trainer's output directory (checkpoints); the caller removes it.
     """
     task, options, tokenizer = prepared.task, prepared.options, prepared.tokenizer

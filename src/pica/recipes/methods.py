@@ -12,28 +12,11 @@ from torch import nn
 from ..tuner.config import PiCaConfig
 from ..tuner.targets import DEFAULT_TARGET_MODULES
 from .config import RecipeConfig
+from .heads import default_head_modules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_method", "default_head_modules", "parameter_split", "target_modules_for"]
-
-_HEAD_NAMES = ("classifier", "score")
-
-
-def default_head_modules(model: nn.Module, task_kind: str) -> list[str]:
-    """Task-head module names of a sequence classifier (``classifier``/``score``; DeBERTa's new
-    ``pooler`` too); none for generative tasks (the LM head is pretrained)."""
-    if task_kind != "classification":
-        return []
-    children = dict(model.named_children())
-    heads = [name for name in _HEAD_NAMES if name in children]
-    if getattr(model.config, "model_type", "").startswith("deberta") and "pooler" in children:
-        heads.append("pooler")
-    if not heads:
-        raise ValueError(f"cannot find the task head of {type(model).__name__} among {sorted(children)}; "
-                         "set head_modules")
-    return heads
-
+__all__ = ["apply_method", "parameter_split", "target_modules_for"]
 
 def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str] | str:
     """The recipe's targets, else PiCa's default for the model type (used by every method)."""
