@@ -105,11 +105,12 @@ def _inputs(args: argparse.Namespace, directory, settings: dict[str, Any], **mor
 
 def _task_kind_of(directory: Path, kind: str, settings: dict[str, Any], info: dict[str, Any]) -> str:
     """The task kind to load a saved run for: from its task, checked against the adapter's task type."""
+    from ..recipes.methods import adapter_task_kind
     from ..recipes.saved import adapter_config
     from ..recipes.tasks import get_task
 
     recorded = adapter_config(directory).get("task_type") if kind == "adapter" else None
-    adapter_kind = {"SEQ_CLS": "classification", "CAUSAL_LM": "generative"}.get(recorded)
+    adapter_kind = adapter_task_kind(recorded)
     if "task" not in settings:
         return adapter_kind or "generative"
     task_kind = get_task(settings["task"]).TASK_KIND

@@ -22,14 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import set_seed
 
 from .config import RecipeConfig, RecipeError
-from .heads import default_head_modules, head_module
-from .fit import task_collator
-from .models import load_base_model
+from .heads import head_module, head_modules
+from .fit import load_run_base, task_collator
 from .prepared import PreparedRun
-from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +116,8 @@ def fit_features(prepared: PreparedRun, recipe: RecipeConfig, seed: int) -> Feat
     from sklearn.preprocessing import StandardScaler
 
     task, options, tokenizer = prepared.task, prepared.options, prepared.tokenizer
-    set_seed(seed)
-    model = load_base_model(recipe.model, task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                            num_labels=options["num_labels"], problem=options["problem"],
-                            pad_token_id=getattr(tokenizer, "pad_token_id", None),
-                            modality=task_modality(task)).eval()
-    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, task.TASK_KIND)
+    model = load_run_base(prepared, recipe, seed).eval()
+    heads = head_modules(model, task.TASK_KIND, recipe.head_modules)
     head = head_module(model, heads)
     collator = task_collator(task, tokenizer)
 

@@ -22,15 +22,15 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Early
 from .config import RecipeConfig, RecipeError
 from .measure import projector_progress
 from .methods import apply_method, parameter_split
-from .heads import default_head_modules
+from .heads import head_modules
 from .models import load_base_model
 from .prepared import PreparedRun
 from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fitted", "TrainingDivergedError", "build_model", "divergence", "fit", "selection_metric", "task_collator",
-           "training_arguments"]
+__all__ = ["Fitted", "TrainingDivergedError", "build_model", "divergence", "fit", "load_run_base", "selection_metric",
+           "task_collator", "training_arguments"]
 
 _TRAINER_METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
 
@@ -146,6 +146,18 @@ def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progre
     )
 
 
+def load_run_base(prepared: PreparedRun, recipe: RecipeConfig, seed: int) -> torch.nn.Module:
+    """The base model a run of ``recipe`` starts from (:func:`pica.recipes.models.load_base_model` with the
+    task's labels and the processor's pad token), its new task head drawn after ``set_seed(seed)``, so it
+    starts from the same draw for every method; quantised as ``recipe.quantize`` says."""
+    options = prepared.options
+    set_seed(seed)
+    return load_base_model(recipe.model, prepared.task_kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
+                           num_labels=options.get("num_labels"), problem=options.get("problem"),
+                           pad_token_id=getattr(prepared.tokenizer, "pad_token_id", None), quantize=recipe.quantize,
+                           head_modules=recipe.head_modules, modality=task_modality(prepared.task))
+
+
 def build_model(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: int,
                 progress: bool = False) -> tuple[torch.nn.Module, list[str], float]:
     """The model ``fit`` trains: the base (quantised by bitsandbytes and prepared for k-bit training if
@@ -154,17 +166,13 @@ def build_model(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: 
     Returns:
         ``(model, head module names, seconds spent applying the method)`` (PiCa: the projectors).
     """
-    kind, options, modality = prepared.task.TASK_KIND, prepared.options, task_modality(prepared.task)
-    set_seed(seed)  # the new task head starts from the same draw for every method
-    model = load_base_model(recipe.model, kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                            num_labels=options.get("num_labels"), problem=options.get("problem"),
-                            pad_token_id=getattr(prepared.tokenizer, "pad_token_id", None), quantize=recipe.quantize,
-                            head_modules=recipe.head_modules, modality=modality)
+    kind, modality = prepared.task_kind, task_modality(prepared.task)
+    model = load_run_base(prepared, recipe, seed)
     if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
+    heads = head_modules(model, kind, recipe.head_modules)
     started = time.perf_counter()
     with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
         model = apply_method(model, method, recipe, kind, heads, modality=modality)

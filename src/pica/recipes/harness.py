@@ -22,7 +22,7 @@ import yaml
 from transformers import Trainer
 
 from .answer_loss import answer_token_loss
-from .config import RecipeConfig, RecipeError, RunsFailedError
+from .config import WHOLE_MODEL_METHODS, RecipeConfig, RecipeError, RunsFailedError
 from .features import check_features, fit_features
 from .fit import TrainingDivergedError, fit
 from .measure import PeakMemory
@@ -191,7 +191,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
 def _save_trained(trainer: Trainer, prepared: PreparedRun, method: str, run_dir: Path) -> str:
     """Save the trained adapter (``run_dir/adapter``) or, for ``full``/``probe``, the model with its processor
     (``run_dir/model``); returns which."""
-    saved = "model" if method in ("full", "probe") else "adapter"
+    saved = "model" if method in WHOLE_MODEL_METHODS else "adapter"
     trainer.save_model(str(run_dir / saved))  # gathers sharded (FSDP) weights; writes on the main process
     (run_dir / saved / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; run.json has the options
     if saved == "model":

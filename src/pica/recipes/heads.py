@@ -8,9 +8,11 @@ a quantised base keeps it unquantised, and a saved adapter's head size is read f
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
-__all__ = ["HEAD_NAMES", "UNQUANTIZED_HEADS", "default_head_modules", "head_module"]
+__all__ = ["HEAD_NAMES", "UNQUANTIZED_HEADS", "default_head_modules", "head_module", "head_modules"]
 
 HEAD_NAMES = ("classifier", "score")
 """Names of a transformers classifier's task head (the linear layer that outputs the labels)."""
@@ -36,6 +38,12 @@ def default_head_modules(model: nn.Module, task_kind: str) -> list[str]:
         raise ValueError(f"cannot find the task head of {type(model).__name__} among {sorted(children)}; "
                          "set head_modules")
     return heads
+
+
+def head_modules(model: nn.Module, task_kind: str, given: Optional[list[str]]) -> list[str]:
+    """The head modules a run trains in full: ``given`` (the recipe's ``head_modules``) if set, else
+    :func:`default_head_modules`."""
+    return list(given) if given is not None else default_head_modules(model, task_kind)
 
 
 def head_module(model: nn.Module, heads: list[str]) -> nn.Module:

@@ -19,7 +19,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageCla
                           AutoModelForSequenceClassification)
 
 from .config import RecipeConfig, RecipeError
-from .heads import default_head_modules
+from .heads import head_modules
 from .methods import apply_method
 from .models import model_source, quantization_kwargs
 from .prepared import PreparedRun
@@ -74,7 +74,7 @@ def check_before_training(prepared: PreparedRun) -> None:
     for planned in prepared.trained_methods():  # features applies no method
         recipe, model = planned.recipe, copy.deepcopy(base)
         try:
-            heads = list(recipe.head_modules) if recipe.head_modules is not None else default_head_modules(model, kind)
+            heads = head_modules(model, kind, recipe.head_modules)
             apply_method(model, planned.method, recipe, kind, heads, weightless=True, modality=modality)
         except (NotImplementedError, RuntimeError) as error:  # an operation without weights: the run checks it
             logger.info("pre-flight check of %s stopped at an operation that needs weights: %s", planned.method,
