@@ -162,7 +162,10 @@ class RecipeConfig:
                 raise RecipeError(f"per_method.{method}: unknown or not overridable key(s) {bad}")
 
     def for_method(self, method: str) -> "RecipeConfig":
-        """This recipe with ``per_method[method]`` applied and ``methods == [method]``."""
+        """This recipe with ``per_method[method]`` applied and ``methods == [method]``.
+
+        A run's settings add the defaults on top: :func:`pica.recipes.prepared.resolve_method`.
+        """
         values = {**self.to_dict(), **self.per_method.get(method, {}), "methods": [method], "per_method": {}}
         return RecipeConfig(**values)
 

@@ -6,14 +6,9 @@ the table in ``docs/defaults.md``); none was chosen on a split that is reported 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
-if TYPE_CHECKING:
-    from .config import RecipeConfig
-
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "LR_GRID_FACTORS", "LR_SOURCES", "LrSource", "default_lr", "lr_grid",
-           "with_defaults"]
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "LR_GRID_FACTORS", "LR_SOURCES", "LrSource", "default_lr", "lr_grid"]
 
 LrSource = Literal["recipe", "default", "auto"]
 """Where a method's learning rate comes from: set by the recipe (a flag, ``per_method``), the method's
@@ -75,21 +70,3 @@ def lr_grid(method: str, grid: Optional[list[float]] = None) -> list[float]:
         return [float(value) for value in grid]
     return [float(f"{default_lr(method) * factor:.3g}") for factor in LR_GRID_FACTORS]
 
-
-def with_defaults(recipe: RecipeConfig, task_kind: str) -> tuple[RecipeConfig, LrSource]:
-    """A one-method recipe (see :meth:`RecipeConfig.for_method`; the harness calls this through
-    :func:`pica.recipes.prepared.resolve_method`) with ``epochs`` (:data:`DEFAULT_EPOCHS`
-    of ``task_kind`` if unset) and ``lr`` filled in, and where the learning rate came from.
-
-    Returns:
-        ``(recipe, source)``: ``source`` is ``"recipe"`` (set by the recipe, a flag or ``per_method``),
-        ``"default"`` (was unset: :data:`DEFAULT_LR`) or ``"auto"`` (``lr`` stays ``"auto"``, for the
-        caller to choose on validation).
-    """
-    if recipe.epochs is None:
-        recipe = dataclasses.replace(recipe, epochs=DEFAULT_EPOCHS[task_kind])
-    if recipe.lr == "auto":
-        return recipe, "auto"
-    if recipe.lr is not None:
-        return recipe, "recipe"
-    return dataclasses.replace(recipe, lr=default_lr(recipe.methods[0])), "default"

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .config import RecipeConfig, RecipeError
-from .heads import head_module, head_modules
 from .fit import load_run_base, task_collator
+from .heads import head_module, head_modules
 from .prepared import PreparedRun
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Early
                           Trainer, TrainingArguments, set_seed)
 
 from .config import RecipeConfig, RecipeError
+from .heads import head_modules
 from .measure import projector_progress
 from .methods import apply_method, parameter_split
-from .heads import head_modules
 from .models import load_base_model
 from .prepared import PreparedRun
 from .tasks import task_modality

@@ -27,8 +27,8 @@ from .features import check_features, fit_features
 from .fit import TrainingDivergedError, fit
 from .measure import PeakMemory
 from .models import load_processor
-from .prepared import PreparedRun
 from .preflight import check_before_training
+from .prepared import PreparedRun
 from .rank_outputs import is_distributed, rank_output_directory
 from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json, write_jsonl
 from .run_records import RunResult, write_run_info

@@ -1,19 +1,20 @@
 """A comparison ready to run: the validated recipe resolved once per method, the task, its data and processor.
 
-:class:`MethodRecipe` is the one place a method's settings are resolved (``per_method`` overrides, then
-the default epochs and learning rate, :func:`pica.recipes.defaults.with_defaults`); :class:`PreparedRun`
-builds one per method of its recipe when it is made, and every step after it (pre-flight checks,
-``lr: auto``, training, the features reference) reads them from :attr:`PreparedRun.methods`.
+:func:`resolve_method` is the one place a method's settings are resolved (``per_method`` overrides, then
+the default epochs and learning rate of :mod:`pica.recipes.defaults`); :class:`PreparedRun` builds a
+:class:`MethodRecipe` per method of its recipe when it is made, and every step after it (pre-flight
+checks, ``lr: auto``, training, the features reference) reads them from :attr:`PreparedRun.methods`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Optional
 
 from .config import RecipeConfig
-from .defaults import LrSource, with_defaults
+from .defaults import DEFAULT_EPOCHS, LrSource, default_lr
 
 __all__ = ["MethodRecipe", "PreparedRun", "resolve_method"]
 
@@ -41,12 +42,20 @@ class MethodRecipe:
 
 
 def resolve_method(recipe: RecipeConfig, method: str, task_kind: str) -> MethodRecipe:
-    """``method`` of ``recipe`` resolved for a task of kind ``task_kind`` (``"classification"``/``"generative"``)."""
+    """``method`` of ``recipe`` for a task of kind ``task_kind`` (``"classification"``/``"generative"``).
+
+    ``per_method[method]`` is applied (:meth:`RecipeConfig.for_method`), then what is still unset is filled
+    in: ``epochs`` (:data:`pica.recipes.defaults.DEFAULT_EPOCHS` of ``task_kind``) and ``lr`` (the method's
+    :func:`pica.recipes.defaults.default_lr`). ``features`` trains nothing and gets neither.
+    """
     one = recipe.for_method(method)
-    if method == "features":  # a logistic regression on frozen features: no epochs, no learning rate
+    if method == "features":
         return MethodRecipe(method, one, None)
-    one, source = with_defaults(one, task_kind)
-    return MethodRecipe(method, one, source)
+    if one.epochs is None:
+        one = dataclasses.replace(one, epochs=DEFAULT_EPOCHS[task_kind])
+    if one.lr is None:
+        return MethodRecipe(method, dataclasses.replace(one, lr=default_lr(method)), "default")
+    return MethodRecipe(method, one, "auto" if one.lr == "auto" else "recipe")
 
 
 @dataclass

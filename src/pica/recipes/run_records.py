@@ -21,6 +21,7 @@ import torch
 from ..io import AdapterFileError, read_json_object
 from . import results
 from .config import RecipeConfig, RecipeError
+from .defaults import LrSource
 from .measure import PeakMemory
 
 __all__ = ["RUN_INFO_KEYS", "RunResult", "read_run_info", "run_info", "write_run_info"]
@@ -67,7 +68,7 @@ class RunResult:
     metrics: dict[str, Any]
     trainable_params: dict[str, int]
     lr: Optional[float]
-    lr_source: Optional[str]
+    lr_source: Optional[LrSource]
     lr_search: Optional[dict[str, Any]]
     epochs: Optional[float]
     early_stopping: Optional[dict[str, Any]]
