@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -69,7 +70,7 @@ def divergence(model: torch.nn.Module, training_loss: float, log_history: list[d
     return "; ".join(problems) or None
 
 
-def selection_metric(task: Any, options: dict[str, Any], metric: str) -> tuple[str, bool]:
+def selection_metric(task: ModuleType, options: dict[str, Any], metric: str) -> tuple[str, bool]:
     """``(name, greater_is_better)`` of the validation metric that chooses a learning rate or checkpoint.
 
     Classification tasks: the headline ``metric`` (computed by the task's ``compute_metrics`` on the
@@ -88,7 +89,7 @@ def selection_metric(task: Any, options: dict[str, Any], metric: str) -> tuple[s
     return metric, True
 
 
-def _trainer_metrics(task: Any, options: dict[str, Any]) -> Optional[Callable[[EvalPrediction], dict]]:
+def _trainer_metrics(task: ModuleType, options: dict[str, Any]) -> Optional[Callable[[EvalPrediction], dict]]:
     """``compute_metrics`` for ``Trainer`` (classification: the task's metrics on argmax / the score)."""
     if task.TASK_KIND != "classification":
         return None
@@ -102,7 +103,7 @@ def _trainer_metrics(task: Any, options: dict[str, Any]) -> Optional[Callable[[E
     return compute
 
 
-def task_collator(task: Any, processor: Any) -> Callable[[list[dict]], dict]:
+def task_collator(task: ModuleType, processor: Any) -> Callable[[list[dict]], dict]:
     """How a task's training rows are batched: the task's own ``data_collator`` (images: stacked pixels) if it
     has one, else padded token ids (generative: labels padded with -100)."""
     if hasattr(task, "data_collator"):

@@ -24,7 +24,7 @@ from .config import RecipeConfig, RecipeError
 from .defaults import LrSource
 from .measure import PeakMemory
 
-__all__ = ["RUN_INFO_KEYS", "RunResult", "read_run_info", "run_info", "write_run_info"]
+__all__ = ["RUN_INFO_KEYS", "RunResult", "read_run_info", "write_run_info"]
 
 RUN_INFO_KEYS = ("task", "task_options", "model", "gguf_file", "dtype", "max_length", "quantize")
 """The recipe values ``run.json`` records (``task_options`` as the task completed them: labels, problem, ...)."""
@@ -118,19 +118,12 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def run_info(recipe: RecipeConfig, task_options: dict[str, Any], *, seed: int, saved: Optional[str],
-             head_modules: list[str]) -> dict[str, Any]:
-    """The ``run.json`` of a run of the one-method ``recipe`` (see the module docstring)."""
-    values = {key: getattr(recipe, key) for key in RUN_INFO_KEYS}
-    return {**values, "task_options": task_options, "method": recipe.methods[0], "seed": seed, "saved": saved,
-            "head_modules": head_modules}
-
-
 def write_run_info(run_dir: Path, recipe: RecipeConfig, task_options: dict[str, Any], *, seed: int,
                    saved: Optional[str], head_modules: list[str]) -> None:
-    """Write ``run_dir/run.json`` (:func:`run_info`)."""
-    results.write_json(run_dir / "run.json", run_info(recipe, task_options, seed=seed, saved=saved,
-                                                      head_modules=head_modules))
+    """Write ``run_dir/run.json`` of a run of the one-method ``recipe`` (see the module docstring)."""
+    info = {**{key: getattr(recipe, key) for key in RUN_INFO_KEYS}, "task_options": task_options,
+            "method": recipe.methods[0], "seed": seed, "saved": saved, "head_modules": head_modules}
+    results.write_json(run_dir / "run.json", info)
 
 
 def read_run_info(path: str | Path) -> dict[str, Any]:
