@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info  # noqa: E402
 
 from pica.recipes.config import RecipeConfig  # noqa: E402
-from pica.recipes.defaults import with_defaults  # noqa: E402
 from pica.recipes.demo import DEMO_RECIPE, demo_examples, demo_model_dir  # noqa: E402
 from pica.recipes.features import fit_features  # noqa: E402
 from pica.recipes.fit import fit  # noqa: E402
@@ -93,13 +92,13 @@ def main() -> None:
         prepared = prepare(recipe, train_examples=train, eval_examples=validation)
         for method in args.methods:
             if method == "features":  # no epochs: one logistic regression on frozen features, a reference level
-                fitted = fit_features(prepared, recipe.for_method(method), args.seed)
-                curves[method] = {"trainable_params": fitted["trainable_params"],
-                                  "validation_accuracy": fitted["metrics"]["accuracy"],
-                                  "validation_f1": fitted["metrics"]["f1"]}
+                fitted = fit_features(prepared, prepared.methods[method].recipe, args.seed)
+                curves[method] = {"trainable_params": fitted.trainable_params,
+                                  "validation_accuracy": fitted.metrics["accuracy"],
+                                  "validation_f1": fitted.metrics["f1"]}
                 write(complete=False)
                 continue
-            one, _ = with_defaults(recipe.for_method(method), "classification")
+            one = prepared.methods[method].recipe
             with contextlib.redirect_stdout(sys.stderr):
                 fitted = fit(prepared, method, one, args.seed, train, validation, Path(scratch) / method, False)
             history = fitted.trainer.state.log_history

@@ -48,8 +48,8 @@ from train_throughput import Variant, resident_bytes, step_peak_bytes  # noqa: E
 
 from pica.io import atomic_directory, check_output_directory  # noqa: E402
 from pica.recipes.config import RecipeConfig  # noqa: E402
-from pica.recipes.defaults import with_defaults  # noqa: E402
-from pica.recipes.harness import PreparedRun, evaluate_model, prepare, train_one  # noqa: E402
+from pica.recipes.harness import evaluate_model, prepare, train_one  # noqa: E402
+from pica.recipes.prepared import PreparedRun, resolve_method  # noqa: E402
 from pica.recipes.fit import build_model  # noqa: E402
 from pica.recipes.methods import target_modules_for  # noqa: E402
 from pica.recipes.models import load_base_model  # noqa: E402
@@ -173,9 +173,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     recipes: dict[tuple[str, str], RecipeConfig] = {}
     for base, quantize in BASES.items():
         for label, (method, rank) in methods.items():
-            recipe, _ = with_defaults(RecipeConfig(**{**values, "methods": [method], "rank": rank,
-                                                      "quantize": quantize}).for_method(method), "generative")
-            recipes[(base, label)] = recipe
+            one = RecipeConfig(**{**values, "methods": [method], "rank": rank, "quantize": quantize})
+            recipes[(base, label)] = resolve_method(one, method, "generative").recipe
 
     rows_in = prepared.task.build_train_dataset(prepared.train_examples[:args.batch_size], prepared.tokenizer,
                                                 max_length=args.max_length, **prepared.options)

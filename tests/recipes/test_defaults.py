@@ -6,8 +6,9 @@ import pytest
 
 from pica.cli import build_parser
 from pica.recipes.config import METHODS, RecipeConfig, RecipeError
-from pica.recipes.defaults import DEFAULT_EPOCHS, DEFAULT_LR, LR_SOURCES, default_lr, lr_grid, with_defaults
+from pica.recipes.defaults import DEFAULT_EPOCHS, DEFAULT_LR, LR_SOURCES, default_lr, lr_grid
 from pica.recipes.harness import prepare, run_experiment
+from pica.recipes.prepared import resolve_method
 
 
 def test_every_trained_method_has_a_default_and_a_source():
@@ -22,23 +23,23 @@ def test_every_trained_method_has_a_default_and_a_source():
 def test_lr_unset_takes_the_methods_default_and_an_explicit_one_wins():
     recipe = RecipeConfig(methods=["pica", "full", "lora"], per_method={"full": {"lr": 5e-5}})
     assert recipe.lr is None
-    pica, source = with_defaults(recipe.for_method("pica"), "classification")
-    assert (pica.lr, source) == (DEFAULT_LR["pica"], "default")
-    full, source = with_defaults(recipe.for_method("full"), "classification")
-    assert (full.lr, source) == (5e-5, "recipe")
+    pica = resolve_method(recipe, "pica", "classification")
+    assert (pica.recipe.lr, pica.lr_source) == (DEFAULT_LR["pica"], "default")
+    full = resolve_method(recipe, "full", "classification")
+    assert (full.recipe.lr, full.lr_source) == (5e-5, "recipe")
     explicit = RecipeConfig(methods=["lora"], lr=2e-4)
-    assert with_defaults(explicit.for_method("lora"), "classification")[0].lr == 2e-4
+    assert resolve_method(explicit, "lora", "classification").recipe.lr == 2e-4
     auto = RecipeConfig(methods=["lora"], lr="auto")
-    resolved, source = with_defaults(auto.for_method("lora"), "generative")
-    assert (resolved.lr, source) == ("auto", "auto")
+    resolved = resolve_method(auto, "lora", "generative")
+    assert (resolved.recipe.lr, resolved.lr_source) == ("auto", "auto")
 
 
 def test_epochs_unset_take_the_task_kinds_default_and_an_explicit_one_wins():
     recipe = RecipeConfig(methods=["pica", "full"], per_method={"full": {"epochs": 2}})
     assert recipe.epochs is None
-    assert with_defaults(recipe.for_method("pica"), "classification")[0].epochs == DEFAULT_EPOCHS["classification"]
-    assert with_defaults(recipe.for_method("pica"), "generative")[0].epochs == DEFAULT_EPOCHS["generative"] == 1.0
-    assert with_defaults(recipe.for_method("full"), "classification")[0].epochs == 2.0
+    assert resolve_method(recipe, "pica", "classification").recipe.epochs == DEFAULT_EPOCHS["classification"]
+    assert resolve_method(recipe, "pica", "generative").recipe.epochs == DEFAULT_EPOCHS["generative"] == 1.0
+    assert resolve_method(recipe, "full", "classification").recipe.epochs == 2.0
     with pytest.raises(RecipeError, match="epochs must be > 0, got 0.0"):
         RecipeConfig(epochs=0)
 

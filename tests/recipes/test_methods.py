@@ -6,7 +6,8 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from pica.recipes.config import METHODS, RecipeConfig
-from pica.recipes.methods import apply_method, default_head_modules, parameter_split, target_modules_for
+from pica.recipes.heads import default_head_modules
+from pica.recipes.methods import apply_method, parameter_split, target_modules_for
 from pica.tuner.layer import PiCaLayer
 from tests.harness_fixtures import save_tiny_bert
 

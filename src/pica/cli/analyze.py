@@ -59,7 +59,8 @@ def find_inputs(path: str | Path, base: Optional[str] = None) -> list[AnalysisIn
         FileNotFoundError: ``path`` (or ``--base``) does not exist or holds no adapter/model/run.
         ValueError: the base model is unknown (no ``--base``, ``run.json`` or adapter record).
     """
-    from ..recipes.saved import find_saved, read_run_info
+    from ..recipes.run_records import read_run_info
+    from ..recipes.saved import find_saved
 
     path = Path(path)
     if not path.is_dir():
@@ -112,6 +113,7 @@ def load_pairs(item: AnalysisInput):
     from transformers import AutoModel
 
     from ..analysis import linear_weights, weight_pairs
+    from ..recipes.methods import adapter_task_kind
     from ..recipes.models import load_base_model, model_source
     from ..recipes.saved import adapter_config
 
@@ -129,7 +131,7 @@ def load_pairs(item: AnalysisInput):
         task = get_task(item.info["task"])
         task_kind, modality = task.TASK_KIND, task_modality(task)
     else:
-        task_kind = {"SEQ_CLS": "classification", "CAUSAL_LM": "generative"}.get(recorded.get("task_type"))
+        task_kind = adapter_task_kind(recorded.get("task_type"))
     if task_kind is None:
         source, extra = model_source(item.base, gguf_file)
         model = AutoModel.from_pretrained(source, dtype=torch.float32, **extra)

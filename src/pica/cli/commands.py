@@ -79,12 +79,11 @@ def _saved_context(args: argparse.Namespace, overrides: dict[str, Any]):
     recorded ``base_model_name_or_path``.
     """
     from ..recipes.models import absolute_if_local
+    from ..recipes.run_records import RUN_INFO_KEYS
     from ..recipes.saved import adapter_config, find_saved
 
     directory, kind, info = find_saved(args.adapter)
-    settings = {key: info.get(key) for key in ("task", "task_options", "model", "gguf_file", "dtype", "max_length",
-                                               "quantize")}
-    settings = {k: v for k, v in settings.items() if v is not None}
+    settings = {key: info[key] for key in RUN_INFO_KEYS if info.get(key) is not None}
     settings.update(overrides)
     if kind == "adapter" and not settings.get("model"):
         recorded = adapter_config(directory).get("base_model_name_or_path")
@@ -106,11 +105,12 @@ def _inputs(args: argparse.Namespace, directory, settings: dict[str, Any], **mor
 
 def _task_kind_of(directory: Path, kind: str, settings: dict[str, Any], info: dict[str, Any]) -> str:
     """The task kind to load a saved run for: from its task, checked against the adapter's task type."""
+    from ..recipes.methods import adapter_task_kind
     from ..recipes.saved import adapter_config
     from ..recipes.tasks import get_task
 
     recorded = adapter_config(directory).get("task_type") if kind == "adapter" else None
-    adapter_kind = {"SEQ_CLS": "classification", "CAUSAL_LM": "generative"}.get(recorded)
+    adapter_kind = adapter_task_kind(recorded)
     if "task" not in settings:
         return adapter_kind or "generative"
     task_kind = get_task(settings["task"]).TASK_KIND
@@ -148,9 +148,10 @@ def run_eval(args: argparse.Namespace) -> int:
     """``pica eval``: evaluate a saved adapter (any method) or model on a task."""
     from ..io import atomic_directory
     from ..recipes.config import RecipeError, resolve_recipe
-    from ..recipes.harness import PreparedRun, evaluate_model
+    from ..recipes.harness import evaluate_model
     from ..recipes.models import load_processor
-    from ..recipes.results import write_json
+    from ..recipes.prepared import PreparedRun
+    from ..recipes.results import write_json, write_jsonl
     from ..recipes.saved import load_saved
     from ..recipes.tasks import get_task, task_modality
 
@@ -192,8 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if output_dir:
         with atomic_directory(output_dir, recipe.overwrite, "output_dir", eval_inputs) as staging:
             write_json(staging / "results.json", result)
-            (staging / "predictions.jsonl").write_text(
-                "".join(json.dumps(p, default=str) + "\n" for p in evaluation["predictions"]), encoding="utf-8")
+            write_jsonl(staging / "predictions.jsonl", evaluation["predictions"])
     return 0
 
 

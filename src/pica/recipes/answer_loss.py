@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
+from .batching import eval_mode
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["answer_token_loss"]
@@ -60,13 +62,10 @@ def answer_token_loss(model, tokenizer, task: ModuleType, examples: list[dict[st
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, report_to=[],
                                  use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
                                  label_names=["labels"], disable_tqdm=True, save_strategy="no")
-        was_training = bool(getattr(model, "training", False))
-        try:
+        with eval_mode(model):
             trainer = Trainer(model=model, args=args, data_collator=collator)
             trainer.remove_callback(PrinterCallback)  # library code: the metrics are returned, not printed
             metrics = trainer.evaluate(eval_dataset=dataset)
-        finally:
-            model.train(was_training)
     return {"eval_loss": float(metrics["eval_loss"]), "eval_loss_tokens": int(tokens),
             "eval_loss_examples": len(dataset)}
 

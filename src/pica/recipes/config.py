@@ -19,12 +19,15 @@ from typing import Any, Literal, Optional, Union
 
 from ..io import nesting_depth
 
-__all__ = ["METHODS", "RecipeConfig", "RecipeError", "RunsFailedError", "load_recipe_file", "resolve_recipe"]
+__all__ = ["METHODS", "WHOLE_MODEL_METHODS", "RecipeConfig", "RecipeError", "RunsFailedError", "load_recipe_file", "resolve_recipe"]
 
 METHODS = ("pica", "lora", "dora", "vera", "pissa", "full", "probe", "features")
 """``probe`` trains only the task head (frozen encoder, linear probe); ``full`` trains everything;
 ``features`` (classification only) fits a scikit-learn logistic regression on the frozen model's
 pooled features (:mod:`pica.recipes.features`), no Trainer."""
+
+WHOLE_MODEL_METHODS = ("full", "probe")
+"""Methods that train the model itself (no adapter): a run saves the whole model, not an adapter."""
 
 
 _UNQUANTIZABLE = {"full": "full fine-tuning updates the quantised weights themselves",
@@ -159,7 +162,10 @@ class RecipeConfig:
                 raise RecipeError(f"per_method.{method}: unknown or not overridable key(s) {bad}")
 
     def for_method(self, method: str) -> "RecipeConfig":
-        """This recipe with ``per_method[method]`` applied and ``methods == [method]``."""
+        """This recipe with ``per_method[method]`` applied and ``methods == [method]``.
+
+        A run's settings add the defaults on top: :func:`pica.recipes.prepared.resolve_method`.
+        """
         values = {**self.to_dict(), **self.per_method.get(method, {}), "methods": [method], "per_method": {}}
         return RecipeConfig(**values)
 

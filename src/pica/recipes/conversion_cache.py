@@ -18,7 +18,7 @@ import torch
 
 from ..io import atomic_directory
 
-__all__ = ["CACHE_ENV", "cache_entry", "file_sha256", "valid_entry", "write_entry"]
+__all__ = ["CACHE_ENV", "cache_entry", "cache_root", "file_sha256", "valid_entry", "write_entry"]
 
 CACHE_ENV = "PICA_CACHE_DIR"
 """Environment variable overriding the cache folder (default ``~/.cache/pica``)."""
@@ -33,13 +33,20 @@ def file_sha256(path: Union[str, os.PathLike], chunk_bytes: int = 1 << 22) -> st
     return digest.hexdigest()
 
 
+def cache_root(kind: str) -> Path:
+    """``$PICA_CACHE_DIR/<kind>`` if set, else ``~/.cache/pica/<kind>``, on every operating system.
+
+    Not ``platformdirs``: its default would move the folder on macOS (``~/Library/Caches``) and Windows
+    (``%LOCALAPPDATA%``) away from the ``~/.cache`` folder the Hugging Face caches pica's models come from
+    use on every system, and orphan the entries converted so far; ``PICA_CACHE_DIR`` places it anywhere.
+    """
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "pica") / kind
+
+
 def cache_entry(kind: str, source: Path, sha256: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """``<cache_dir or $PICA_CACHE_DIR/<kind> or ~/.cache/pica/<kind>>/<stem>-<sha256[:16]>``."""
-    if cache_dir is not None:
-        root = Path(cache_dir).expanduser()
-    else:
-        base = os.environ.get(CACHE_ENV)
-        root = (Path(base).expanduser() if base else Path.home() / ".cache" / "pica") / kind
+    """``<cache_dir or cache_root(kind)>/<stem>-<sha256[:16]>`` (:func:`cache_root`)."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root(kind)
     return root / f"{source.stem}-{sha256[:16]}"
 
 

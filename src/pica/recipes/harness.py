@@ -2,7 +2,8 @@
 transformers ``Trainer`` (no hand-written loop, collator, scheduler or checkpointing).
 
 Everything that can fail on bad input (recipe, task, data rows, model path, output directory) is
-checked in :func:`prepare` before anything is written. Outputs are built in a hidden sibling
+checked in :func:`prepare` before anything is written; each run writes its records through
+:mod:`pica.recipes.run_records`. Outputs are built in a hidden sibling
 directory and renamed into place at the end (:func:`pica.io.atomic_directory`), so a failed run
 leaves no partial output directory.
 """
@@ -14,53 +15,41 @@ import logging
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Optional
 
-import torch
 import yaml
+from transformers import Trainer
 
 from .answer_loss import answer_token_loss
-from .config import RecipeConfig, RecipeError, RunsFailedError
-from .defaults import with_defaults
+from .config import WHOLE_MODEL_METHODS, RecipeConfig, RecipeError, RunsFailedError
 from .features import check_features, fit_features
 from .fit import TrainingDivergedError, fit
-from .selection import check_selection, choose_lr, split_validation
 from .measure import PeakMemory
-from .preflight import check_before_training
-from .rank_outputs import is_distributed, rank_output_directory
 from .models import load_processor
-from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json
+from .preflight import check_before_training
+from .prepared import PreparedRun
+from .rank_outputs import is_distributed, rank_output_directory
+from .results import format_choices, format_table, plot_comparison, plot_loss, summarize, write_json, write_jsonl
+from .run_records import RunResult, write_run_info
+from .selection import check_selection, choose_lr, split_validation
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreparedRun", "evaluate_model", "prepare", "run_experiment"]
-
-
-@dataclass
-class PreparedRun:
-    """A validated recipe with its task module, loaded examples and tokenizer (an image task: its image
-    processor, :func:`pica.recipes.models.load_processor`)."""
-
-    recipe: RecipeConfig
-    task: ModuleType
-    options: dict[str, Any]
-    tokenizer: Any
-    train_examples: list[dict]
-    eval_examples: list[dict]
-
-    @property
-    def metric(self) -> str:
-        return self.recipe.metric or self.options.get("metric") or "accuracy"
+__all__ = ["evaluate_model", "prepare", "run_experiment", "train_one"]
 
 
 def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
             eval_examples: Optional[list[dict]] = None, inputs: Optional[dict[str, Optional[str]]] = None
             ) -> PreparedRun:
-    """Validate everything and load the data; writes nothing.
+    """Validate everything and load the data; writes nothing (but the cache entry of a GGUF or ONNX model
+    converted to load its tokenizer or processor).
+
+    Every method is resolved once (:class:`pica.recipes.prepared.MethodRecipe`, in the returned
+    ``PreparedRun.methods``); the output directory, the pre-flight of every method on a weightless model,
+    the validation split of ``lr: auto`` / early stopping and the ``features`` reference are checked on
+    those resolved methods.
 
     Local paths of the recipe (``model``, ``train_data``, ``eval_data``) are made absolute in the
     returned recipe, so ``run.json``, ``config.yaml`` and the adapters' ``base_model_name_or_path``
@@ -89,14 +78,6 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
                   for method, values in recipe.per_method.items()}
     recipe = dataclasses.replace(recipe, per_method=per_method,
                                  **{key: absolute_if_local(getattr(recipe, key)) for key in paths})
-    output = Path(recipe.output_dir)
-    checked = {**(inputs or {}), **{key: getattr(recipe, key) for key in paths}}
-    for method in recipe.methods:  # per_method may name another model or GGUF file
-        resolved = recipe.for_method(method)
-        checked[f"model of {method}"] = resolved.model
-        if resolved.gguf_file and resolved.model:
-            checked[f"gguf_file of {method}"] = str(Path(resolved.model) / resolved.gguf_file)
-    check_output_directory(output, recipe.overwrite, "output_dir", checked)
     options = dict(recipe.task_options)
     if train_examples is None:
         if recipe.train_data is None:
@@ -109,10 +90,16 @@ def prepare(recipe: RecipeConfig, train_examples: Optional[list[dict]] = None,
     if hasattr(task, "infer_options"):
         options = task.infer_options(train_examples, options)
     tokenizer = load_processor(task, recipe.model, recipe.gguf_file, options)
-    check_before_training(recipe, task, options, eval_examples)
     prepared = PreparedRun(recipe, task, options, tokenizer, train_examples, eval_examples)
-    check_selection(recipe, task, options, train_examples, prepared.metric)
-    check_features(recipe, task, options)
+    checked = {**(inputs or {}), **{key: getattr(recipe, key) for key in paths}}
+    for planned in prepared.methods.values():  # per_method may name another model or GGUF file
+        checked[f"model of {planned.method}"] = planned.recipe.model
+        if planned.recipe.gguf_file and planned.recipe.model:
+            checked[f"gguf_file of {planned.method}"] = str(Path(planned.recipe.model) / planned.recipe.gguf_file)
+    check_output_directory(Path(recipe.output_dir), recipe.overwrite, "output_dir", checked)
+    check_before_training(prepared)
+    check_selection(prepared)
+    check_features(prepared)
     return prepared
 
 
@@ -127,7 +114,7 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
     extra: dict[str, Any] = {"batch_size": recipe.eval_batch_size, "max_new_tokens": recipe.max_new_tokens,
                              "progress": progress}
     examples = prepared.eval_examples
-    if prepared.task.TASK_KIND == "classification":
+    if prepared.task_kind == "classification":
         extra["max_length"] = recipe.max_length
         return prepared.task.evaluate(model, prepared.tokenizer, examples, **extra, **prepared.options)
     started = time.perf_counter()
@@ -144,17 +131,18 @@ def evaluate_model(model, prepared: PreparedRun, recipe: RecipeConfig, progress:
 
 
 def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, progress: bool = True) -> dict:
-    """Train and evaluate one (method, seed) into ``run_dir``; returns its results dict.
+    """Train and evaluate one (method, seed) into ``run_dir``; returns its result record (:class:`RunResult`).
 
-    The learning rate is the recipe's, else the method's default (:mod:`pica.recipes.defaults`), or
-    with ``lr: auto`` the best of a grid on a validation split (:func:`pica.recipes.selection.choose_lr`);
-    then the final run trains on all the training data, or, with ``early_stopping_patience``, on the
-    fit part with the best epoch by validation kept. ``lr`` (the value used), ``lr_source``,
-    ``lr_search`` and ``early_stopping`` are in the result.
+    The method's settings are ``prepared.methods[method]``: its learning rate is the recipe's, else the
+    method's default (:mod:`pica.recipes.defaults`), or with ``lr: auto`` the best of a grid on a validation
+    split (:func:`pica.recipes.selection.choose_lr`); then the final run trains on all the training data, or,
+    with ``early_stopping_patience``, on the fit part with the best epoch by validation kept. ``lr`` (the
+    value used), ``lr_source``, ``lr_search`` and ``early_stopping`` are in the result.
     """
-    if method == "features":
+    planned = prepared.methods[method]
+    if not planned.trains:
         return _features_run(prepared, seed, run_dir)
-    recipe, lr_source = with_defaults(prepared.recipe.for_method(method), prepared.task.TASK_KIND)
+    recipe, lr_source = planned.recipe, planned.lr_source
     run_dir.mkdir(parents=True)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -169,7 +157,7 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
         train_examples, validation = prepared.train_examples, None
         if recipe.early_stopping_patience is not None:
             train_examples, validation = split_validation(train_examples, recipe.validation_fraction, seed,
-                                                          prepared.task.TASK_KIND, prepared.options)
+                                                          prepared.task_kind, prepared.options)
         with PeakMemory() as memory:
             fitted = fit(prepared, method, recipe, seed, train_examples, validation, run_dir / "trainer", progress)
             if fitted.diverged:
@@ -180,64 +168,55 @@ def train_one(prepared: PreparedRun, method: str, seed: int, run_dir: Path, prog
             evaluation = evaluate_model(trainer.model, prepared, recipe, progress)
             eval_seconds = time.perf_counter() - eval_started
         wall_seconds = time.perf_counter() - started
-        saved = None
-        if recipe.save_model:
-            saved = "adapter" if method not in ("full", "probe") else "model"
-            trainer.save_model(str(run_dir / saved))  # gathers sharded (FSDP) weights; writes on the main process
-            (run_dir / saved / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; run.json has the options
-            if saved == "model":
-                prepared.tokenizer.save_pretrained(run_dir / saved)
+        saved = _save_trained(trainer, prepared, method, run_dir) if recipe.save_model else None
         shutil.rmtree(run_dir / "trainer", ignore_errors=True)
         history = trainer.state.log_history
-        (run_dir / "train_log.jsonl").write_text("".join(f"{_json(entry)}\n" for entry in history), encoding="utf-8")
+        write_jsonl(run_dir / "train_log.jsonl", history)
         plot_loss(history, run_dir / "loss.png", f"{recipe.task}: {method}, seed {seed}")
-        (run_dir / "predictions.jsonl").write_text(
-            "".join(f"{_json(p)}\n" for p in evaluation["predictions"]), encoding="utf-8")
-        result = {
-            "method": method, "seed": seed, "task": recipe.task, "model": recipe.model,
-            "metrics": evaluation["metrics"], "trainable_params": fitted.params,
-            "lr": recipe.lr, "lr_source": lr_source, "lr_search": lr_search, "epochs": recipe.epochs,
-            "early_stopping": _early_stopping(trainer, recipe, len(train_examples), validation),
-            "train_loss": fitted.training_loss, "steps": trainer.state.global_step,
-            "init_seconds": round(fitted.init_seconds, 3), "train_seconds": round(fitted.train_seconds, 2),
-            "eval_seconds": round(eval_seconds, 2), "wall_seconds": round(wall_seconds, 2),
-            "peak_memory_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
-            "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-            "saved": saved, "head_modules": fitted.heads, "quantize": recipe.quantize,
-        }
-        write_json(run_dir / "results.json", result)
-        write_json(run_dir / "run.json", {**_run_info(prepared, recipe), "method": method, "seed": seed,
-                                          "saved": saved, "head_modules": fitted.heads})
-        return result
+        write_jsonl(run_dir / "predictions.jsonl", evaluation["predictions"])
+        result = RunResult.of(
+            recipe, seed, memory, metrics=evaluation["metrics"], trainable_params=fitted.params, lr=recipe.lr,
+            lr_source=lr_source, lr_search=lr_search, epochs=recipe.epochs,
+            early_stopping=_early_stopping(trainer, recipe, len(train_examples), validation),
+            train_loss=fitted.training_loss, steps=trainer.state.global_step, init_seconds=fitted.init_seconds,
+            train_seconds=fitted.train_seconds, eval_seconds=eval_seconds, wall_seconds=wall_seconds, saved=saved,
+            head_modules=fitted.heads)
+        write_run_info(run_dir, recipe, prepared.options, seed=seed, saved=saved, head_modules=fitted.heads)
+        return result.write(run_dir)
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
 
 
+def _save_trained(trainer: Trainer, prepared: PreparedRun, method: str, run_dir: Path) -> str:
+    """Save the trained adapter (``run_dir/adapter``) or, for ``full``/``probe``, the model with its processor
+    (``run_dir/model``); returns which."""
+    saved = "model" if method in WHOLE_MODEL_METHODS else "adapter"
+    trainer.save_model(str(run_dir / saved))  # gathers sharded (FSDP) weights; writes on the main process
+    (run_dir / saved / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; run.json has the options
+    if saved == "model":
+        prepared.tokenizer.save_pretrained(run_dir / saved)
+    return saved
+
+
 def _features_run(prepared: PreparedRun, seed: int, run_dir: Path) -> dict:
     """The ``features`` reference (:func:`pica.recipes.features.fit_features`) into ``run_dir``."""
-    recipe = prepared.recipe.for_method("features")
+    recipe = prepared.methods["features"].recipe
     run_dir.mkdir(parents=True)
     started = time.perf_counter()
     with PeakMemory() as memory:
         fitted = fit_features(prepared, recipe, seed)
-    (run_dir / "predictions.jsonl").write_text("".join(f"{_json(p)}\n" for p in fitted["predictions"]),
-                                               encoding="utf-8")
-    result = {"method": "features", "seed": seed, "task": recipe.task, "model": recipe.model,
-              "metrics": fitted["metrics"], "trainable_params": fitted["trainable_params"],
-              "lr": None, "lr_source": None, "lr_search": None, "early_stopping": None,
-              "train_loss": None, "steps": 0, "init_seconds": 0.0,
-              "train_seconds": round(fitted["train_seconds"], 2), "eval_seconds": round(fitted["eval_seconds"], 2),
-              "wall_seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": round(memory.peak_mb, 1),
-              "memory_kind": memory.kind,
-              "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-              "saved": None, "head_modules": fitted["heads"],
-              "regularization": fitted["regularization"]}
-    write_json(run_dir / "results.json", result)
-    return result
+    write_jsonl(run_dir / "predictions.jsonl", fitted.predictions)
+    result = RunResult.of(
+        recipe, seed, memory, metrics=fitted.metrics, trainable_params=fitted.trainable_params, lr=None,
+        lr_source=None, lr_search=None, epochs=None, early_stopping=None, train_loss=None, steps=0,
+        init_seconds=0.0, train_seconds=fitted.train_seconds, eval_seconds=fitted.eval_seconds,
+        wall_seconds=time.perf_counter() - started, saved=None, head_modules=fitted.heads,
+        regularization=fitted.regularization)
+    return result.write(run_dir)
 
 
-def _early_stopping(trainer: Any, recipe: RecipeConfig, fit_examples: int,
+def _early_stopping(trainer: Trainer, recipe: RecipeConfig, fit_examples: int,
                     validation: Optional[list[dict]]) -> Optional[dict[str, Any]]:
     """What early stopping did: the best epoch and its validation score, the epochs trained."""
     if validation is None:
@@ -248,19 +227,6 @@ def _early_stopping(trainer: Any, recipe: RecipeConfig, fit_examples: int,
     return {"patience": recipe.early_stopping_patience, "metric": trainer.args.metric_for_best_model,
             "best_metric": state.best_metric, "best_step": best.get("step"), "best_epoch": best.get("epoch"),
             "epochs_trained": state.epoch, "fit_examples": fit_examples, "validation_examples": len(validation)}
-
-
-def _json(entry: Any) -> str:
-    import json
-
-    return json.dumps(entry, default=str)
-
-
-def _run_info(prepared: PreparedRun, recipe: RecipeConfig) -> dict[str, Any]:
-    """What ``pica eval`` / ``pica export`` need to rebuild the base model of a saved run."""
-    return {"task": recipe.task, "task_options": prepared.options, "model": recipe.model,
-            "gguf_file": recipe.gguf_file, "dtype": recipe.dtype, "max_length": recipe.max_length,
-            "quantize": recipe.quantize}
 
 
 def run_experiment(prepared: PreparedRun, progress: bool = True) -> dict:

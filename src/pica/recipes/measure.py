@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from typing import Iterator, Optional
 
+import psutil
 import torch
 
 __all__ = ["PeakMemory", "projector_progress"]
 
 
 def _rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    """Resident set size of this process now (psutil: Linux, macOS, Windows)."""
+    return psutil.Process().memory_info().rss
 
 
 class PeakMemory:
     """Peak memory inside a ``with`` block: CUDA max allocated if a GPU is used, else the peak
     resident set size of the process sampled every ``interval`` seconds.
+
+    The sampler is ours: psutil reads the resident set size now, and the operating system's own peak
+    (``ru_maxrss``, psutil's ``peak_wset`` on Windows) covers the whole life of the process, not a window.
 
     Attributes:
         peak_mb: the peak in MiB after the block.

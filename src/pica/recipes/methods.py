@@ -11,29 +11,20 @@ from torch import nn
 
 from ..tuner.config import PiCaConfig
 from ..tuner.config import DEFAULT_TARGET_MODULES
-from .config import RecipeConfig
+from .config import WHOLE_MODEL_METHODS, RecipeConfig
+from .heads import head_modules as resolve_heads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_method", "default_head_modules", "parameter_split", "target_modules_for"]
+__all__ = ["PEFT_TASK_TYPES", "adapter_task_kind", "apply_method", "parameter_split", "target_modules_for"]
 
-_HEAD_NAMES = ("classifier", "score")
+PEFT_TASK_TYPES: dict[str, str] = {"classification": TaskType.SEQ_CLS.value, "generative": TaskType.CAUSAL_LM.value}
+"""peft's ``task_type`` of a text adapter for each task kind (an image classifier's adapter has none)."""
 
 
-def default_head_modules(model: nn.Module, task_kind: str) -> list[str]:
-    """Task-head module names of a sequence classifier (``classifier``/``score``; DeBERTa's new
-    ``pooler`` too); none for generative tasks (the LM head is pretrained)."""
-    if task_kind != "classification":
-        return []
-    children = dict(model.named_children())
-    heads = [name for name in _HEAD_NAMES if name in children]
-    if getattr(model.config, "model_type", "").startswith("deberta") and "pooler" in children:
-        heads.append("pooler")
-    if not heads:
-        raise ValueError(f"cannot find the task head of {type(model).__name__} among {sorted(children)}; "
-                         "set head_modules")
-    return heads
-
+def adapter_task_kind(task_type: object) -> Optional[str]:
+    """The task kind of an adapter whose ``adapter_config.json`` records ``task_type`` (None if it is neither)."""
+    return next((kind for kind, recorded in PEFT_TASK_TYPES.items() if recorded == task_type), None)
 
 def target_modules_for(model: nn.Module, recipe: RecipeConfig) -> list[str] | str:
     """The recipe's targets, else PiCa's default for the model type (used by every method)."""
@@ -60,18 +51,17 @@ def apply_method(model: nn.Module, method: str, recipe: RecipeConfig, task_kind:
     :mod:`pica.recipes.preflight`); peft's methods then skip their weight initialisation
     (``low_cpu_mem_usage``), which needs values. PiCa needs no such switch: it never reads a meta weight.
     """
-    heads = head_modules if head_modules is not None else default_head_modules(model, task_kind)
+    heads = resolve_heads(model, task_kind, head_modules)
     children = dict(model.named_children())
     unknown = [name for name in heads if name not in children]
     if unknown:
         raise ValueError(f"head_modules {unknown} are not top-level modules of {type(model).__name__} "
                          f"(its modules: {sorted(children)})")
-    if method in ("full", "probe"):
+    if method in WHOLE_MODEL_METHODS:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(method == "full" or name.split(".")[0] in heads)
         return model
-    task_type = (None if modality == "image" else
-                 TaskType.SEQ_CLS if task_kind == "classification" else TaskType.CAUSAL_LM)
+    task_type = None if modality == "image" else TaskType(PEFT_TASK_TYPES[task_kind])
     targets = target_modules_for(model, recipe)
     saved = list(heads) or None  # a copy: peft extends modules_to_save in place (adds classifier/score for SEQ_CLS)
     if method == "pica":

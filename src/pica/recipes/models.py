@@ -14,6 +14,8 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
                           AutoTokenizer)
 
+from .heads import UNQUANTIZED_HEADS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["absolute_if_local", "load_base_model", "load_processor", "load_tokenizer", "model_source",
@@ -135,13 +137,14 @@ def load_base_model(model: str, task_kind: str, *, gguf_file: Optional[str] = No
 
     A new classification head is initialised from torch's current RNG state: seed before calling.
     ``quantize``: load the linear layers quantised (see :func:`quantization_kwargs`), except the task head,
-    which is trained in full: ``head_modules`` if given, else a classifier's ``classifier``/``score``/``pooler``;
+    which is trained in full: ``head_modules`` if given, else a classifier's
+    :data:`pica.recipes.heads.UNQUANTIZED_HEADS`;
     bitsandbytes's CPU-packed 4-bit kernel is not used (:func:`pica.base_weights.keep_unpacked`: it has
     no gradients, and ``pica eval`` reproduces the numbers the run measured with the kernel it used).
     """
     source, extra = model_source(model, gguf_file)
     keep = (list(head_modules) if head_modules else
-            ["classifier", "score", "pooler"] if task_kind == "classification" else None)
+            list(UNQUANTIZED_HEADS) if task_kind == "classification" else None)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], **extra, **quantization_kwargs(quantize, dtype, keep)}
     if task_kind == "generative":
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)

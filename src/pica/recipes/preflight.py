@@ -19,13 +19,17 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageCla
                           AutoModelForSequenceClassification)
 
 from .config import RecipeConfig, RecipeError
-from .methods import apply_method, default_head_modules
+from .heads import head_modules
+from .methods import apply_method
 from .models import model_source, quantization_kwargs
+from .prepared import PreparedRun
 from .tasks import task_modality
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_before_training", "weightless_model"]
+
+_NOTHING_TRAINED = "(found before training; nothing was trained)"
 
 
 def weightless_model(recipe: RecipeConfig, task_kind: str, options: dict[str, Any], modality: str = "text") -> nn.Module:
@@ -42,41 +46,38 @@ def weightless_model(recipe: RecipeConfig, task_kind: str, options: dict[str, An
         return auto.from_config(config)
 
 
-def check_before_training(recipe: RecipeConfig, task: Any, options: dict[str, Any],
-                          eval_examples: list[dict]) -> None:
-    """Raise on anything that would make a later run of ``recipe`` fail for a reason known now.
+def check_before_training(prepared: PreparedRun) -> None:
+    """Raise on anything that would make a later run of the comparison fail for a reason known now.
 
     Checks the eval examples against the task's options (e.g. a label outside the training labels) and,
-    for every method of the recipe (with its ``per_method`` overrides), the method applied to a
-    weightless copy of the model; ``quantize`` needs bitsandbytes.
+    for every resolved method (:attr:`PreparedRun.methods`), the method applied to a weightless copy of
+    the model; ``quantize`` needs bitsandbytes.
 
     Raises:
         RecipeError: naming the method and what is wrong.
         ValueError: from the task's own check of the eval examples (naming the example).
     """
+    task, options, kind, modality = prepared.task, prepared.options, prepared.task_kind, task_modality(prepared.task)
     if hasattr(task, "check_eval_examples"):
-        task.check_eval_examples(eval_examples, options)
-    for method in recipe.methods:  # quantize with full/probe/pissa is refused by RecipeConfig itself
-        method_recipe = recipe.for_method(method)
+        task.check_eval_examples(prepared.eval_examples, options)
+    for planned in prepared.methods.values():  # quantize with full/probe/pissa is refused by RecipeConfig itself
         try:
-            quantization_kwargs(method_recipe.quantize, method_recipe.dtype)
+            quantization_kwargs(planned.recipe.quantize, planned.recipe.dtype)
         except ImportError as error:
-            raise RecipeError(f"method {method}: {error} (found before training; nothing was trained)") from error
+            raise RecipeError(f"method {planned.method}: {error} {_NOTHING_TRAINED}") from error
     try:
-        base = weightless_model(recipe, task.TASK_KIND, options, task_modality(task))
+        base = weightless_model(prepared.recipe, kind, options, modality)
     except Exception as error:  # noqa: BLE001  (an architecture that cannot be built without weights)
         logger.info("pre-flight check of the methods skipped: cannot build %s without weights (%s)",
-                    recipe.model, error)
+                    prepared.recipe.model, error)
         return
-    for method in (m for m in recipe.methods if m != "features"):  # features applies no method
-        method_recipe = recipe.for_method(method)
-        model = copy.deepcopy(base)
+    for planned in prepared.trained_methods():  # features applies no method
+        recipe, model = planned.recipe, copy.deepcopy(base)
         try:
-            heads = (list(method_recipe.head_modules) if method_recipe.head_modules is not None
-                     else default_head_modules(model, task.TASK_KIND))
-            apply_method(model, method, method_recipe, task.TASK_KIND, heads, weightless=True,
-                         modality=task_modality(task))
+            heads = head_modules(model, kind, recipe.head_modules)
+            apply_method(model, planned.method, recipe, kind, heads, weightless=True, modality=modality)
         except (NotImplementedError, RuntimeError) as error:  # an operation without weights: the run checks it
-            logger.info("pre-flight check of %s stopped at an operation that needs weights: %s", method, error)
+            logger.info("pre-flight check of %s stopped at an operation that needs weights: %s", planned.method,
+                        error)
         except (ValueError, TypeError, KeyError) as error:
-            raise RecipeError(f"method {method}: {error} (found before training; nothing was trained)") from error
+            raise RecipeError(f"method {planned.method}: {error} {_NOTHING_TRAINED}") from error

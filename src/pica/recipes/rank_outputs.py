@@ -21,7 +21,12 @@ __all__ = ["is_distributed", "is_main_process", "rank_output_directory"]
 
 
 def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a ``torchrun`` / ``accelerate launch`` job (``RANK`` is set)."""
+    """True unless this is a non-zero rank of a ``torchrun`` / ``accelerate launch`` job (``RANK`` is set).
+
+    Read from the launcher's environment, before and without any process group: accelerate's
+    ``PartialState().is_main_process`` answers the same but initialises the process group under
+    ``torchrun`` as a side effect.
+    """
     return int(os.environ.get("RANK", "0")) == 0
 
 

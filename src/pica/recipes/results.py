@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["format_choices", "format_table", "plot_comparison", "plot_loss", "summarize", "write_json"]
+__all__ = ["format_choices", "format_table", "plot_comparison", "plot_loss", "summarize", "write_json", "write_jsonl"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -31,6 +31,11 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """Write ``rows`` as JSON Lines (one compact object a line; values JSON cannot hold written as strings)."""
+    Path(path).write_text("".join(f"{json.dumps(row, default=str)}\n" for row in rows), encoding="utf-8")
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:

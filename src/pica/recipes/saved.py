@@ -8,38 +8,14 @@ from typing import Any, Optional
 
 from peft import PeftModel
 
-from ..io import AdapterFileError, read_json_object
-from .config import RecipeConfig, RecipeError
+from ..io import read_json_object
+from .heads import HEAD_NAMES
 from .models import load_base_model
+from .run_records import read_run_info
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["adapter_config", "find_saved", "load_saved", "read_run_info", "saved_head_size"]
-
-_RUN_TYPES: dict[str, tuple[type, ...]] = {  # run.json key → accepted JSON types (None is always accepted)
-    "task": (str,), "task_options": (dict,), "model": (str,), "gguf_file": (str,), "dtype": (str,),
-    "max_length": (int,), "method": (str,), "seed": (int,), "saved": (str,), "head_modules": (list,),
-}
-_RECIPE_KEYS = ("task", "task_options", "model", "gguf_file", "dtype", "max_length", "quantize")
-
-
-def read_run_info(path: str | Path) -> dict[str, Any]:
-    """Read and check a run's ``run.json`` (what ``pica train`` recorded to rebuild the base model).
-
-    Raises:
-        AdapterFileError: not readable JSON, nested too deeply, not an object, or a key with a wrong
-            type or value (naming the file and the key).
-    """
-    info = read_json_object(path)
-    for key, types in _RUN_TYPES.items():
-        value = info.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            raise AdapterFileError(f"{path}: {key} must be a {types[0].__name__}, got {value!r}")
-    try:
-        RecipeConfig(**{key: info[key] for key in _RECIPE_KEYS if info.get(key) is not None})
-    except RecipeError as error:
-        raise AdapterFileError(f"{path}: {error}") from None
-    return info
+__all__ = ["adapter_config", "find_saved", "load_saved", "saved_head_size"]
 
 
 def adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -61,7 +37,7 @@ def find_saved(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
 
     Raises:
         FileNotFoundError: naming the path, if it holds no adapter or model.
-        AdapterFileError: the run's ``run.json`` is invalid (see :func:`read_run_info`).
+        AdapterFileError: the run's ``run.json`` is invalid (see :func:`pica.recipes.run_records.read_run_info`).
     """
     path = Path(path)
     if not path.is_dir():
@@ -84,7 +60,7 @@ def find_saved(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
 
 
 def saved_head_size(directory: str | Path) -> Optional[int]:
-    """Output size of the saved task head (``classifier``/``score`` weight) of an adapter, if it has one."""
+    """Output size of the saved task head (a :data:`pica.recipes.heads.HEAD_NAMES` weight) of an adapter, if it has one."""
     from safetensors import safe_open
 
     weights = Path(directory) / "adapter_model.safetensors"
@@ -93,7 +69,7 @@ def saved_head_size(directory: str | Path) -> Optional[int]:
     with safe_open(str(weights), framework="pt") as handle:
         for key in handle.keys():
             parts = key.split(".")
-            if parts[-1] == "weight" and {"classifier", "score"} & set(parts):
+            if parts[-1] == "weight" and set(HEAD_NAMES) & set(parts):
                 return handle.get_slice(key).get_shape()[0]
     return None
 

@@ -18,6 +18,7 @@ from typing import Any
 from .config import RecipeConfig, RecipeError
 from .defaults import lr_grid
 from .fit import fit, selection_metric
+from .prepared import PreparedRun
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +64,15 @@ def split_validation(examples: list[dict], fraction: float | None, seed: int, ta
     return [examples[i] for i in sorted(fit_index)], [examples[i] for i in sorted(validation_index)]
 
 
-def check_selection(recipe: RecipeConfig, task: Any, options: dict[str, Any], train_examples: list[dict],
-                    metric: str) -> None:
-    """Pre-flight of ``lr: auto`` / early stopping for every method, before any training.
+def check_selection(prepared: PreparedRun) -> None:
+    """Pre-flight of ``lr: auto`` / early stopping for every trained method, before any training.
 
     Raises:
         RecipeError: ``lr_grid`` set but no method has ``lr: auto``; ``validation_fraction`` set but
             nothing uses a validation split; a split too small to stratify; a metric that cannot be
             computed on validation.
     """
-    resolved = [recipe.for_method(method) for method in recipe.methods if method != "features"]  # no training
+    resolved = [planned.recipe for planned in prepared.trained_methods()]
     if any(r.lr_grid is not None for r in resolved) and not any(r.lr == "auto" for r in resolved):
         raise RecipeError("lr_grid is set but no method has lr: auto (the grid would be unused)")
     users = [r for r in resolved if needs_validation(r)]
@@ -80,17 +80,18 @@ def check_selection(recipe: RecipeConfig, task: Any, options: dict[str, Any], tr
         raise RecipeError("validation_fraction is set but nothing uses a validation split "
                           "(set lr: auto or early_stopping_patience)")
     for one in users:
-        split_validation(train_examples, one.validation_fraction, recipe.seeds[0], task.TASK_KIND, options)
-        selection_metric(task, options, metric)
+        split_validation(prepared.train_examples, one.validation_fraction, prepared.recipe.seeds[0],
+                         prepared.task_kind, prepared.options)
+        selection_metric(prepared.task, prepared.options, prepared.metric)
 
 
-def choose_lr(prepared: Any, method: str, recipe: RecipeConfig, seed: int, directory: Path,
+def choose_lr(prepared: PreparedRun, method: str, recipe: RecipeConfig, seed: int, directory: Path,
               progress: bool) -> dict[str, Any]:
     """Train ``method`` once per grid learning rate on the fit part, score each on the validation part.
 
     Args:
-        prepared: the :class:`pica.recipes.harness.PreparedRun`.
-        recipe: the one-method recipe with ``lr: auto``.
+        prepared: the comparison (task, options, examples).
+        recipe: the method's resolved recipe, with ``lr: auto``.
         directory: scratch space for the grid's Trainer outputs (removed).
 
     Returns:
@@ -101,7 +102,7 @@ def choose_lr(prepared: Any, method: str, recipe: RecipeConfig, seed: int, direc
     started = time.perf_counter()
     grid = lr_grid(method, recipe.lr_grid)
     fit_part, validation = split_validation(prepared.train_examples, recipe.validation_fraction, seed,
-                                            prepared.task.TASK_KIND, prepared.options)
+                                            prepared.task_kind, prepared.options)
     name, greater = selection_metric(prepared.task, prepared.options, prepared.metric)
     scores: dict[float, float] = {}
     for lr in grid:

@@ -25,6 +25,7 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
+from ..batching import batch_starts, eval_mode
 from ..data_files import DATA_SUFFIXES, iter_rows, load_datasets_source
 
 TASK_KIND = "classification"
@@ -207,17 +208,10 @@ def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 32, ma
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # batches of similar length
     outputs: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    from tqdm.auto import tqdm
-
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(rows), batch_size), desc="eval", disable=not progress, unit="batch"):
-                batch = collate([rows[i] for i in order[start:start + batch_size]])
-                outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in batch_starts(len(rows), batch_size, progress):
+            batch = collate([rows[i] for i in order[start:start + batch_size]])
+            outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy())
     logits = np.empty((len(rows), outputs[0].shape[1]), dtype=np.float32)
     logits[order] = np.concatenate(outputs)
     if options["problem"] == "regression":

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from transformers import GenerationConfig
 
+from ..batching import batch_starts, eval_mode
 from ..data_files import iter_rows
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,6 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, batch_size: 
         progress: show a tqdm bar over batches.
         description: the progress bar's label.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -230,24 +229,18 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, batch_size: 
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: list[str] = [""] * len(prompts)
     device = _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with left_padding(tokenizer), torch.inference_mode():
-            config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=description, unit="batch", disable=not progress):
-                batch = order[start:start + batch_size]
-                encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                    add_special_tokens=True).to(device)
-                sequences = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                                           generation_config=config)  # (batch, prompt_len + new)
-                new_tokens = sequences[:, encoded["input_ids"].shape[1]:]  # (batch, new)
-                for index, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                    outputs[index] = text
-    finally:
-        model.train(was_training)
+    with eval_mode(model), left_padding(tokenizer), torch.inference_mode():
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
+        for start in batch_starts(len(order), batch_size, progress, description):
+            batch = order[start:start + batch_size]
+            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=True).to(device)
+            sequences = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                                       generation_config=config)  # (batch, prompt_len + new)
+            new_tokens = sequences[:, encoded["input_ids"].shape[1]:]  # (batch, new)
+            for index, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                outputs[index] = text
     return outputs
 
 

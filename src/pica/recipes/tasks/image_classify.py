@@ -26,6 +26,7 @@ import torch
 from datasets import Array3D, Dataset, Features, Value
 from transformers import default_data_collator
 
+from ..batching import batch_starts, eval_mode
 from ..images import MODES, load_image_processor, pixel_array, read_image_examples
 from .classify import CLASSIFICATION_METRICS, compute_metrics, label_indices
 
@@ -147,17 +148,10 @@ def evaluate(model, processor, examples: list[dict], *, batch_size: int = 32, pr
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     outputs: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    from tqdm.auto import tqdm
-
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, unit="batch"):
-                batch = torch.from_numpy(pixels[start:start + batch_size]).to(device=device, dtype=dtype)
-                outputs.append(model(pixel_values=batch).logits.float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in batch_starts(len(examples), batch_size, progress):
+            batch = torch.from_numpy(pixels[start:start + batch_size]).to(device=device, dtype=dtype)
+            outputs.append(model(pixel_values=batch).logits.float().cpu().numpy())
     predicted = np.concatenate(outputs).argmax(axis=-1)
     metrics = compute_metrics(targets, predicted, "classification", options["num_labels"])
     labels = options["labels"]
