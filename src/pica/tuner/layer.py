@@ -27,6 +27,7 @@ except ImportError:  # torch built without distributed support
 
 from ..functional import delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
+from ..sharded_state import full_weight, local_entries, replicate_entries
 from .forms import use_merged_form
 from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantized
 
@@ -76,7 +77,8 @@ def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tenso
 
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook: remember this layer's name and whether the call loads its base weight or
-    a fingerprint."""
+    a fingerprint; P and fingerprints loaded as DTensors (FSDP2 loaders) become plain tensors."""
+    local_entries(state_dict, prefix + "pica_")
     module._pica_loading = (prefix.rstrip("."), {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)})
 
 
@@ -96,6 +98,12 @@ def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> Non
                 and (f"pica_fingerprint.{a}" in loaded or "base_layer.weight" in loaded)]
     if mismatch := fingerprint_mismatches([(name, module, a, module.pica_fingerprint[a]) for a in adapters]):
         raise ValueError(f"PiCa adapter(s) {adapters}: {mismatch}")
+
+
+def _replicated_beside_shards(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``state_dict`` post-hook: beside an FSDP2-sharded base weight, P and fingerprints are replicated DTensors,
+    as accelerate's ``fsdp2_load_full_state_dict`` expects of every entry (:mod:`pica.sharded_state`)."""
+    replicate_entries(state_dict, prefix + "pica_", module.get_base_layer().weight)
 
 
 def non_finite_alone(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[str]:
@@ -164,6 +172,7 @@ class PiCaLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self.register_load_state_dict_pre_hook(_note_loaded_keys)
         self.register_load_state_dict_post_hook(_check_loaded_fingerprints)
+        self.register_state_dict_post_hook(_replicated_beside_shards)
 
     def update_layer(self, adapter_name: str, group_key: str, projector: torch.Tensor, fingerprint: torch.Tensor,
                      inference_mode: bool = False, scheme: Optional[dict] = None) -> None:
@@ -240,7 +249,8 @@ class PiCaLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if not base.weight.is_meta:
             for name in self._base_fingerprint:
-                self._base_fingerprint[name] = weight_fingerprint(adapter_view(base, self.pica_scheme.get(name)))
+                view = full_weight(adapter_view(base, self.pica_scheme.get(name)))  # FSDP2 shard: gathered
+                self._base_fingerprint[name] = weight_fingerprint(view)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = M P`` in PyTorch layout ``(out_features, in_features)``, in ``M``'s dtype."""

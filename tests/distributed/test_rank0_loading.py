@@ -1,0 +1,48 @@
+"""Rank-0 loading under FSDP2 (torch's and accelerate's loaders).
+
+One ``torchrun --nproc_per_node=2`` launch (gloo, CPU) of :mod:`tests.distributed.rank0_script`, ~30 s.
+Marked ``multiprocess`` (deselect with ``-m "not multiprocess"``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.distributed.test_multiprocess import FSDP_TOLERANCE, _torchrun
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("rank0") / "rank0.json"
+    _torchrun(2, "tests.distributed.rank0_script", str(out))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("loader", ["torch", "accelerate"])
+def test_rank0_loading_gives_every_rank_rank0s_projectors_and_trains_like_one_process(results, loader):
+    """Rank 0 holds the weights, rank 1 a meta-device model; after FSDP2 sharding and the loader, both hold
+    rank 0's P and fingerprints bitwise (= one process's), and 3 AdamW steps match one process."""
+    total = results["total_projectors"]
+    rank0, rank1 = results[f"rank0/{loader}"]
+    for rank in (rank0, rank1):
+        assert rank.get("ok", True), rank.get("error")
+        assert rank["layers"] == total == 10
+        assert rank["P_bitwise"] and rank["fingerprints_bitwise"], rank
+        assert rank["unset_after_load"] == 0, rank  # every P filled by the load
+        assert rank["groups"] == 5
+        assert rank["max_relative_difference"] <= FSDP_TOLERANCE, rank
+    assert rank0["computed_here"] == total and rank0["unset_after_get_peft_model"] == 0
+    assert rank1["computed_here"] == 0  # nothing to compute on the meta rank
+    assert rank1["unset_after_get_peft_model"] == rank1["unset_before_load"] == total
+
+
+@pytest.mark.parametrize("loader", ["torch", "accelerate"])
+def test_a_meta_rank_projector_refuses_use_until_loaded(results, loader):
+    """On the meta rank, before the load, P is never mistaken for a real one (to_empty gives it real-looking
+    storage): using it raises the message that says how to fill it."""
+    message = results[f"rank0/{loader}"][1]["use_before_load"]
+    assert "was never computed" in message and "broadcast_from_rank0=True" in message, message
