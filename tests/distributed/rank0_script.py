@@ -1,8 +1,8 @@
-"""Rank-0 loading under FSDP2, with 2 CPU processes.
+"""Rank-0 loading under FSDP2 and projectors computed once, with 2 CPU processes.
 
 Launched by the tests: ``torchrun --nproc_per_node=2 -m tests.distributed.rank0_script OUT.json``
 (gloo, CPU). Rank 0 writes ``OUT.json``; every section compares each rank's state with a single-process
-reference that each rank builds itself (same seed, same thread count).
+reference that each rank builds itself with projector sharing off (same seed, same thread count).
 
 ``rank0/torch`` and ``rank0/accelerate``
     Rank 0 builds the tiny Llama with its weights, rank 1 on the meta device (what transformers does for
@@ -15,6 +15,10 @@ reference that each rank builds itself (same seed, same thread count).
     ``Accelerator.prepare`` cannot run it). Recorded: whether ``P`` and fingerprints of every layer are bitwise
     rank 0's and the single-process ones, what using ``P`` raised on rank 1 before the load, how many projectors
     each rank computed, and 3 AdamW steps on half of a fixed batch each against one process on the whole batch.
+``sharing``
+    Every rank builds the same model: the projectors each rank computed (disjoint, covering all) and
+    whether every ``P`` is bitwise the single-process one. ``different_weights``: ranks with different
+    weights do not share. ``failure``: one rank fails inside its share: what each rank raised.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaForCausalLM
 
 import pica
-import pica.tuner.plan as sharing
+import pica.projector_sharing as sharing
 from pica.tuner.layer import pica_layers
 from tests.conftest import llama_config, make_llama
 
@@ -50,11 +54,12 @@ def _config() -> pica.PiCaConfig:
 
 def _reference() -> PeftModel:
     """The single-process model: this rank's own computation, no collective."""
-    return get_peft_model(make_llama(), _config())
+    with sharing.projector_sharing(False):
+        return get_peft_model(make_llama(), _config())
 
 
 class _Counter:
-    """Wraps the projector computation that :mod:`pica.tuner.plan` calls: how many matrices this rank computed."""
+    """Wraps the projector computation that :mod:`pica.projector_sharing` calls: how many matrices this rank computed."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -190,6 +195,24 @@ def _rank0_loading(loader: str, rank: int, expected: dict, expected_updates: dic
     return info
 
 
+def _shared(rank: int, expected: dict, fail_on: int | None = None, seed: int = 0) -> dict[str, Any]:
+    original = sharing.top_right_singular_vectors_many
+
+    def failing(weights, *args, **kwargs):
+        raise ValueError("simulated failure in this rank's share")
+
+    if fail_on == rank:
+        sharing.top_right_singular_vectors_many = failing
+    try:
+        with _Counter() as counter:
+            model = get_peft_model(make_llama(seed), _config())
+        return {"ok": True, "computed_here": counter.count, **_compare_buffers(_buffers(model), expected)}
+    except Exception as error:  # noqa: BLE001 (recorded for the test)
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    finally:
+        sharing.top_right_singular_vectors_many = original
+
+
 def _run(results: dict, key: str, rank: int, function, *args) -> None:
     """Every rank runs ``function``; rank 0 records every rank's result (or error) under ``key``."""
     try:
@@ -216,6 +239,12 @@ def main(out_file: str) -> None:
     for loader in ("torch", "accelerate"):
         _run(results, f"rank0/{loader}", rank, _rank0_loading, loader, rank, expected, expected_updates, local)
         dist.barrier()
+    _run(results, "sharing", rank, _shared, rank, expected)
+    with sharing.projector_sharing(False):
+        own = _buffers(get_peft_model(make_llama(seed=rank), _config()))
+    _run(results, "sharing/different_weights", rank, _shared, rank, own, None, rank)
+    _run(results, "sharing/failure", rank, _shared, rank, expected, 1)
+    _run(results, "sharing/after_failure", rank, _shared, rank, expected)  # the group still works
     if rank == 0:
         with open(out_file, "w") as handle:
             json.dump(results, handle, indent=1)

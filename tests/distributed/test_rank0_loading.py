@@ -1,4 +1,4 @@
-"""Rank-0 loading under FSDP2 (torch's and accelerate's loaders).
+"""Rank-0 loading under FSDP2 (torch's and accelerate's loaders) and projectors computed once across ranks.
 
 One ``torchrun --nproc_per_node=2`` launch (gloo, CPU) of :mod:`tests.distributed.rank0_script`, ~30 s.
 Marked ``multiprocess`` (deselect with ``-m "not multiprocess"``).
@@ -36,7 +36,7 @@ def test_rank0_loading_gives_every_rank_rank0s_projectors_and_trains_like_one_pr
         assert rank["groups"] == 5
         assert rank["max_relative_difference"] <= FSDP_TOLERANCE, rank
     assert rank0["computed_here"] == total and rank0["unset_after_get_peft_model"] == 0
-    assert rank1["computed_here"] == 0  # nothing to compute on the meta rank
+    assert rank1["computed_here"] == 0  # nothing to compute on the meta rank: no sharing, rank 0 does all
     assert rank1["unset_after_get_peft_model"] == rank1["unset_before_load"] == total
 
 
@@ -46,3 +46,30 @@ def test_a_meta_rank_projector_refuses_use_until_loaded(results, loader):
     storage): using it raises the message that says how to fill it."""
     message = results[f"rank0/{loader}"][1]["use_before_load"]
     assert "was never computed" in message and "broadcast_from_rank0=True" in message, message
+
+
+@pytest.mark.parametrize("section", ["sharing", "sharing/after_failure"])
+def test_ranks_with_the_same_weights_share_the_projector_work_bitwise(results, section):
+    """Each rank computes a disjoint share (together: every projector once) and every P is bitwise what one
+    process computes, on every rank; after a failed attempt the process group still works."""
+    total = results["total_projectors"]
+    ranks = results[section]
+    assert all(rank["ok"] for rank in ranks), ranks
+    assert sum(rank["computed_here"] for rank in ranks) == total
+    assert all(0 < rank["computed_here"] < total for rank in ranks)
+    assert all(rank["P_bitwise"] and rank["fingerprints_bitwise"] and rank["layers"] == total for rank in ranks)
+
+
+def test_ranks_with_different_weights_compute_their_own(results):
+    ranks = results["sharing/different_weights"]
+    total = results["total_projectors"]
+    assert all(rank["ok"] and rank["computed_here"] == total and rank["P_bitwise"] for rank in ranks), ranks
+
+
+def test_a_failure_in_one_ranks_share_raises_on_every_rank(results):
+    """Rank 1 fails inside its share: both ranks raise (no rank left waiting in a broadcast), naming rank 1."""
+    ranks = results["sharing/failure"]
+    assert [rank["ok"] for rank in ranks] == [False, False], ranks
+    for rank in ranks:
+        assert rank["error"].startswith("RuntimeError: PiCa projectors shared across 2 ranks failed on rank(s) [1]")
+        assert "simulated failure" in rank["error"]
