@@ -10,6 +10,10 @@ dict then need help:
   loaded back into plain tensors before it reaches the buffers.
 * a fingerprint of a sharded weight needs the whole weight: :func:`full_weight`.
 
+FSDP1 rank-0 loading (``sync_module_states=True``) instead broadcasts every parameter and buffer from rank 0
+in place when it wraps the model, running no load hook: :func:`broadcast_by_fsdp1` tells a layer that
+its ``P`` arrived that way.
+
 This module is pure torch: it imports neither ``peft`` nor ``transformers``.
 """
 
@@ -22,7 +26,9 @@ try:  # torch built without distributed support has no DTensor
 except ImportError:  # pragma: no cover
     DTensor, Replicate = None, None
 
-__all__ = ["full_weight", "local_entries", "replicate_entries"]
+__all__ = ["broadcast_by_fsdp1", "full_weight", "local_entries", "replicate_entries"]
+
+_FSDP1_SYNCED = "_fsdp_synced"  # torch.distributed.fsdp._init_utils.FSDP_SYNCED: set on each buffer it broadcast
 
 
 def _is_dtensor(tensor: object) -> bool:
@@ -59,3 +65,20 @@ def local_entries(state_dict: dict[str, torch.Tensor], prefix: str) -> None:
         if key.startswith(prefix) and _is_dtensor(value):
             replicated = all(placement.is_replicate() for placement in value.placements)
             state_dict[key] = value.to_local() if replicated else value.full_tensor()
+
+
+def broadcast_by_fsdp1(projector: torch.Tensor, fingerprint: torch.Tensor) -> bool:
+    """Whether FSDP1's ``sync_module_states`` broadcast filled ``projector`` and ``fingerprint`` from rank 0.
+
+    FSDP1 marks every buffer it broadcast (``_fsdp_synced``). Rank 0's ``P`` must also have orthonormal rows:
+    a broadcast of a rank 0 that itself never computed ``P`` (uninitialised storage) is not trusted.
+
+    Args:
+        projector: ``(rank, in_features)`` ``P`` buffer.
+        fingerprint: ``(FINGERPRINT_SIZE,)`` fingerprint buffer.
+    """
+    if not all(getattr(tensor, _FSDP1_SYNCED, False) and not tensor.is_meta for tensor in (projector, fingerprint)):
+        return False
+    rows = projector.detach().double()  # (rank, in_features)
+    identity = torch.eye(rows.shape[0], dtype=torch.float64, device=rows.device)
+    return bool(torch.isfinite(fingerprint).all()) and float((rows @ rows.T - identity).abs().max()) < 1e-4

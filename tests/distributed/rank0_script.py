@@ -12,7 +12,8 @@ reference that each rank builds itself with projector sharing off (same seed, sa
     ``accelerate``: the steps of accelerate's ``fsdp2_prepare_model`` with ``cpu_ram_efficient_loading``
     (state dict, non-persistent buffers kept, model to meta, per-layer / embedding / tail / root units), then
     accelerate's ``fsdp2_load_full_state_dict`` itself (on CPU accelerate never selects FSDP, so
-    ``Accelerator.prepare`` cannot run it). Recorded: whether ``P`` and fingerprints of every layer are bitwise
+    ``Accelerator.prepare`` cannot run it).
+    ``fsdp1_simulated``: FSDP1 with ``sync_module_states=True`` (see :func:`_fsdp1_loader`). Recorded: whether ``P`` and fingerprints of every layer are bitwise
     rank 0's and the single-process ones, what using ``P`` raised on rank 1 before the load, how many projectors
     each rank computed, and 3 AdamW steps on half of a fixed batch each against one process on the whole batch.
 ``sharing``
@@ -34,14 +35,15 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from peft.utils.other import fsdp_auto_wrap_policy
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from transformers import LlamaForCausalLM
 
 import pica
 import pica.projector_sharing as sharing
 from pica.tuner.layer import pica_layers
 from tests.conftest import llama_config, make_llama
+from tests.distributed.fsdp_script import _clean, _full_updates, _gathered_updates
 
 STEPS = 3
 LR = 1e-2
@@ -94,8 +96,7 @@ def _rank0_base(rank: int) -> LlamaForCausalLM:
 
 
 def _buffers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {name.replace("_checkpoint_wrapped_module.", ""): (layer.pica_P["default"].detach().clone(),
-                                                              layer.pica_fingerprint["default"].detach().clone())
+    return {_clean(name): (layer.pica_P["default"].detach().clone(), layer.pica_fingerprint["default"].detach().clone())
             for name, layer in pica_layers(model)}
 
 
@@ -113,12 +114,6 @@ def _train(model: nn.Module, batch: torch.Tensor) -> None:
         optimizer.zero_grad()
 
 
-def _updates(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every ``M`` in full (FSDP2 shards are gathered: a collective)."""
-    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for name, p in model.named_parameters() if "pica_M" in name}
-
-
 def _unset(model: nn.Module) -> int:
     return sum(len(layer.pica_unset) for _, layer in pica_layers(model))
 
@@ -133,7 +128,7 @@ def _use_before_load(model: nn.Module) -> str:
     return ""
 
 
-def _torch_loader(model: PeftModel, rank: int) -> dict[str, Any]:
+def _torch_loader(model: PeftModel, rank: int) -> tuple[nn.Module, dict[str, Any]]:
     """Shard per decoder layer and root, materialise on the meta rank, broadcast rank 0's full state dict."""
     full = {key: value.detach().clone() for key, value in model.state_dict().items()} if rank == 0 else {}
     for layer in model.base_model.model.model.layers:
@@ -146,10 +141,10 @@ def _torch_loader(model: PeftModel, rank: int) -> dict[str, Any]:
         info["unset_before_load"] = _unset(model)
         info["use_before_load"] = _use_before_load(model)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return info
+    return model, info
 
 
-def _accelerate_loader(model: PeftModel, rank: int) -> dict[str, Any]:
+def _accelerate_loader(model: PeftModel, rank: int) -> tuple[nn.Module, dict[str, Any]]:
     """The steps of accelerate's ``fsdp2_prepare_model`` under ``cpu_ram_efficient_loading`` (no mixed precision,
     no offload, ``transformer_layer_cls_to_wrap`` = the decoder layer), then its ``fsdp2_load_full_state_dict``."""
     import copy
@@ -175,7 +170,28 @@ def _accelerate_loader(model: PeftModel, rank: int) -> dict[str, Any]:
     for key, buffer in non_persistent.items():
         parent, name = key.rsplit(".", 1)
         model.get_submodule(parent).register_buffer(name, buffer, persistent=False)
-    return info
+    return model, info
+
+
+def _fsdp1_loader(model: PeftModel, rank: int) -> tuple[nn.Module, dict[str, Any]]:
+    """FSDP1 rank-0 loading: peft's per-layer policy, ``sync_module_states=True``, the meta rank materialised by
+    ``to_empty`` (accelerate's ``param_init_fn``). FSDP1 refuses CPU tensors for that broadcast ("requires them
+    to be on GPU"); that guard alone is disabled here (the broadcast itself runs on gloo) to see what pica does."""
+    import torch.distributed.fsdp._init_utils as init_utils
+
+    info: dict[str, Any] = {}
+    if rank != 0:
+        info["unset_before_load"] = _unset(model)
+        info["use_before_load"] = _use_before_load(model)
+    guard = init_utils._check_module_states_for_sync_module_states
+    init_utils._check_module_states_for_sync_module_states = lambda states: None
+    try:
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"), use_orig_params=True,
+            sync_module_states=True, param_init_fn=None if rank == 0 else lambda m: m.to_empty(device="cpu", recurse=False))
+    finally:
+        init_utils._check_module_states_for_sync_module_states = guard
+    return wrapped, info
 
 
 def _rank0_loading(loader: str, rank: int, expected: dict, expected_updates: dict, local: torch.Tensor
@@ -183,12 +199,13 @@ def _rank0_loading(loader: str, rank: int, expected: dict, expected_updates: dic
     with _Counter() as counter:
         model = get_peft_model(_rank0_base(rank), _config())
     info = {"computed_here": counter.count, "unset_after_get_peft_model": _unset(model)}
-    info.update((_torch_loader if loader == "torch" else _accelerate_loader)(model, rank))
-    info["unset_after_load"] = _unset(model)
-    buffers = _buffers(model)
-    info.update(_compare_buffers(buffers, expected))
+    model, loaded = {"torch": _torch_loader, "accelerate": _accelerate_loader, "fsdp1_simulated": _fsdp1_loader}[
+        loader](model, rank)
+    info.update(loaded, unset_after_load=_unset(model))  # FSDP1: cleared at first use (no load hook runs)
+    info.update(_compare_buffers(_buffers(model), expected))
     _train(model, local)
-    got = _updates(model)
+    info["unset_after_training"] = _unset(model)
+    got = _gathered_updates(model, "fsdp1" if loader == "fsdp1_simulated" else "fsdp2")
     info["max_relative_difference"] = max(float((got[k] - expected_updates[k]).norm() / expected_updates[k].norm())
                                           for k in expected_updates)
     info["groups"] = len(got)
@@ -234,9 +251,9 @@ def main(out_file: str) -> None:
     reference = _reference()
     expected = _buffers(reference)
     _train(reference, batch)
-    expected_updates = _updates(reference)
+    expected_updates = _full_updates(reference)
     results: dict[str, Any] = {"total_projectors": len(expected)}
-    for loader in ("torch", "accelerate"):
+    for loader in ("torch", "accelerate", "fsdp1_simulated"):
         _run(results, f"rank0/{loader}", rank, _rank0_loading, loader, rank, expected, expected_updates, local)
         dist.barrier()
     _run(results, "sharing", rank, _shared, rank, expected)

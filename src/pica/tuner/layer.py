@@ -27,7 +27,7 @@ except ImportError:  # torch built without distributed support
 
 from ..functional import delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
-from ..sharded_state import full_weight, local_entries, replicate_entries
+from ..sharded_state import broadcast_by_fsdp1, full_weight, local_entries, replicate_entries
 from .forms import use_merged_form
 from .quantized import adapter_view, base_shape, base_weight_out_in, is_quantized
 
@@ -214,7 +214,12 @@ class PiCaLayer(BaseTunerLayer):
                 buffers[adapter_name] = buffers[adapter_name].to(target)
 
     def check_projector(self, adapter_name: str) -> None:
-        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base)."""
+        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base) nor
+        filled since (a load, or FSDP1's rank-0 broadcast, which brings rank 0's base weight and its fingerprint)."""
+        if adapter_name in self.pica_unset and broadcast_by_fsdp1(self.pica_P[adapter_name],
+                                                                  self.pica_fingerprint[adapter_name]):
+            self.pica_unset.discard(adapter_name)
+            self._base_fingerprint[adapter_name] = self.pica_fingerprint[adapter_name].detach().clone()
         if adapter_name in self.pica_unset:
             raise RuntimeError(
                 f"PiCa adapter '{adapter_name}': P of this ({self.out_features}×{self.in_features}) layer of group "
