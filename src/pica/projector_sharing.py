@@ -162,28 +162,26 @@ def compute_projectors(
     summaries: list = [None] * world_size
     dist.all_gather_object(summaries, _summary(weights, fingerprints, rank, compute_dtype))
     if not weights or any(summary != summaries[0] for summary in summaries):
-        logger.info("PiCa projectors: not shared across the %d ranks (they do not hold the same weights): "
-                    "%d computed on rank %d", world_size, len(weights), here)
+        logger.info("PiCa projectors: not shared across the %d ranks (%s): %d computed on rank %d", world_size,
+                    "nothing to compute" if not weights else "they do not hold the same weights", len(weights), here)
         return top_right_singular_vectors_many(weights, rank, compute_dtype, done=done)
     owners = assign_shares([projector_cost(tuple(weight.shape)) for weight in weights], world_size)
     mine = [index for index, owner in enumerate(owners) if owner == here]
     results: list[torch.Tensor | None] = [None] * len(weights)
-    outcome = (True, "")
+    outcome, failure = (True, ""), None
     try:
         computed = top_right_singular_vectors_many([weights[i] for i in mine], rank, compute_dtype,
                                                    done=None if done is None else lambda j: done(mine[j]))
         for index, projector in zip(mine, computed):
             results[index] = projector
-    except Exception as error:  # noqa: BLE001 - re-raised on every rank below, after the ranks agree
+    except Exception as error:  # noqa: BLE001 - raised on every rank below, after the ranks agree
         outcome, failure = (False, f"{type(error).__name__}: {error}"), error
     outcomes: list = [None] * world_size
     dist.all_gather_object(outcomes, outcome)
     failed = {r: message for r, (ok, message) in enumerate(outcomes) if not ok}
     if failed:
         message = f"PiCa projectors shared across {world_size} ranks failed on rank(s) {sorted(failed)}: {failed}"
-        if here in failed:
-            raise RuntimeError(message) from failure
-        raise RuntimeError(message)
+        raise RuntimeError(message) from failure  # the cause: this rank's own error, if it failed
     for index, (weight, owner) in enumerate(zip(weights, owners)):
         device = weight.device
         wire = _wire_device(device)
