@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import pica.tuner.plan as plan
+import pica.projector_sharing as plan  # where plan_adapter's projector computation is looked up
 from pica import PiCaConfig
 from tests.conftest import example_inputs, make_llama, model_output, pica_layers, randomize_updates
 

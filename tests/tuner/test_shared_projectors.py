@@ -24,10 +24,15 @@ def _storages(model) -> dict[str, int]:
 
 
 def _no_projector_computed(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a projector was computed")
+    import pica.projector_sharing as sharing  # where plan_adapter's computation is looked up
 
-    monkeypatch.setattr("pica.tuner.plan.top_right_singular_vectors_many", refuse)
+    original = sharing.top_right_singular_vectors_many
+
+    def refuse(weights, *args, **kwargs):
+        assert not weights, f"{len(weights)} projector(s) computed"
+        return original(weights, *args, **kwargs)
+
+    monkeypatch.setattr(sharing, "top_right_singular_vectors_many", refuse)
 
 
 def _logits(model, adapter=None):

@@ -28,6 +28,7 @@ except ImportError:  # torch built without distributed support
 
 from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
+from ..sharded_state import broadcast_by_fsdp1, full_weight, local_entries, replicate_entries
 from ..shared_storage import apply_keeping_shares, share, take_for_load
 from ..base_weights import base_shape, base_weight_out_in, is_quantized
 from .quantized import adapter_view
@@ -77,7 +78,9 @@ def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tenso
 
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook: remember this layer's name and whether the call loads its base weight or
-    a fingerprint; keep shared projectors right (:func:`pica.shared_storage.take_for_load`)."""
+    a fingerprint; P and fingerprints loaded as DTensors (FSDP2 loaders) become plain tensors; shared projectors
+    stay right (:func:`pica.shared_storage.take_for_load`)."""
+    local_entries(state_dict, prefix + "pica_")
     module._pica_loading = (prefix.rstrip("."), {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)})
     for adapter in list(module.pica_P):  # a shared P is written in place: never change the other adapters'
         if (key := f"{prefix}pica_P.{adapter}") in state_dict:
@@ -100,6 +103,12 @@ def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> Non
                 and (f"pica_fingerprint.{a}" in loaded or "base_layer.weight" in loaded)]
     if mismatch := fingerprint_mismatches([(name, module, a, module.pica_fingerprint[a]) for a in adapters]):
         raise ValueError(f"PiCa adapter(s) {adapters}: {mismatch}")
+
+
+def _replicated_beside_shards(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``state_dict`` post-hook: beside an FSDP2-sharded base weight, P and fingerprints are replicated DTensors,
+    as accelerate's ``fsdp2_load_full_state_dict`` expects of every entry (:mod:`pica.sharded_state`)."""
+    replicate_entries(state_dict, prefix + "pica_", module.get_base_layer().weight)
 
 
 def non_finite_alone(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[str]:
@@ -196,6 +205,7 @@ class PiCaLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self.register_load_state_dict_pre_hook(_note_loaded_keys)
         self.register_load_state_dict_post_hook(_check_loaded_fingerprints)
+        self.register_state_dict_post_hook(_replicated_beside_shards)
 
     def update_layer(self, adapter_name: str, group_key: str, projector: torch.Tensor, fingerprint: torch.Tensor,
                      inference_mode: bool = False, scheme: Optional[dict] = None, origin: tuple = ()) -> None:
@@ -248,7 +258,12 @@ class PiCaLayer(BaseTunerLayer):
         return None
 
     def check_projector(self, adapter_name: str) -> None:
-        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base)."""
+        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base) nor
+        filled since (a load, or FSDP1's rank-0 broadcast, which brings rank 0's base weight and its fingerprint)."""
+        if adapter_name in self.pica_unset and broadcast_by_fsdp1(self.pica_P[adapter_name],
+                                                                  self.pica_fingerprint[adapter_name]):
+            self.pica_unset.discard(adapter_name)
+            self._base_fingerprint[adapter_name] = self.pica_fingerprint[adapter_name].detach().clone()
         if adapter_name in self.pica_unset:
             raise RuntimeError(
                 f"PiCa adapter '{adapter_name}': P of this ({self.out_features}×{self.in_features}) layer of group "
@@ -283,7 +298,8 @@ class PiCaLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if not base.weight.is_meta:
             for name in self._base_fingerprint:
-                self._base_fingerprint[name] = weight_fingerprint(adapter_view(base, self.pica_scheme.get(name)))
+                view = full_weight(adapter_view(base, self.pica_scheme.get(name)))  # FSDP2 shard: gathered
+                self._base_fingerprint[name] = weight_fingerprint(view)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = M P`` in PyTorch layout ``(out_features, in_features)``, in ``M``'s dtype."""

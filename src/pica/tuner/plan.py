@@ -20,7 +20,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..fingerprint import FINGERPRINT_SIZE, weight_fingerprint
-from ..projector_batch import LazyWeight, top_right_singular_vectors_many
+from ..projector_batch import LazyWeight
+from ..projector_sharing import compute_projectors
 from ..grouping import roles as group_roles, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
 from ..base_weights import base_shape, base_weight_out_in, check_supported, is_quantized
@@ -196,7 +197,8 @@ def plan_adapter(
 
         sources = [LazyWeight(shapes[name], devices[name], functools.partial(read, name))
                    if is_quantized(targets[name]) or name in schemes else read(name) for name in todo]
-        computed = top_right_singular_vectors_many(sources, rank, projector_dtype, done=done) if sources else []
+        # every rank calls (a collective when a process group is up): shares the work if all hold the same weights
+        computed = compute_projectors(sources, rank, projector_dtype, [fingerprints[name] for name in todo], done=done)
         projectors = {**held, **{name: projector.float() for name, projector in zip(todo, computed)}}  # (rank, in)
         if held:
             logger.info("PiCa: %d of %d projectors taken from another adapter's (same weight and settings)",
