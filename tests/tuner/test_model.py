@@ -200,13 +200,24 @@ def test_mixed_out_features_in_a_group_is_an_error():
     assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
-def test_non_finite_base_weight_is_an_error():
-    base = make_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_base_weight_is_an_error(value, dtype):
+    base = make_llama().to(dtype)
     with torch.no_grad():
-        base.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        base.model.layers[0].mlp.up_proj.weight[0, 0] = value
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*non-finite"):
         get_peft_model(base, PiCaConfig(rank=4))
     assert not any(isinstance(m, PiCaLayer) for m in base.modules())
+
+
+def test_huge_finite_base_weights_are_accepted():
+    """The finiteness test is the float64 norm of the weight: entries at float32's largest do not overflow it."""
+    base = make_llama()
+    with torch.no_grad():
+        base.model.layers[0].mlp.up_proj.weight.fill_(torch.finfo(torch.float32).max)
+        base.model.layers[0].mlp.up_proj.weight[0, 0] = 1.0  # a rank > 1 weight
+    get_peft_model(base, PiCaConfig(rank=1))
 
 
 def test_several_named_adapters_add_set_delete():

@@ -408,13 +408,13 @@ class Linear(nn.Module, PiCaLayer):
         for (_, dtype), names in groups.items():
             rows = [i for i, row in enumerate(adapter_names) if row in names]
             widest = max(names, key=lambda name: self.rank[name])  # the others hold its leading rows
-            x_rows = x.index_select(0, torch.tensor(rows, device=x.device)).to(dtype)
-            coordinates = F.linear(x_rows, self.pica_P[widest].to(dtype))  # (len(rows), ..., rank of widest)
+            x_rows = x if len(rows) == x.shape[0] else x.index_select(0, torch.tensor(rows, device=x.device))
+            coordinates = F.linear(x_rows.to(dtype), self.pica_P[widest].to(dtype))  # (len(rows), ..., widest rank)
             for name in names:
                 picked = [k for k, i in enumerate(rows) if adapter_names[i] == name]
                 own = coordinates.index_select(0, torch.tensor(picked, device=x.device))[..., : self.rank[name]]
                 delta = F.linear(own, self.get_update(name))  # (len(picked), ..., out_features)
-                result = result.index_add(0, torch.tensor([rows[k] for k in picked], device=x.device), delta.to(result.dtype))
+                result.index_add_(0, torch.tensor([rows[k] for k in picked], device=x.device), delta.to(result.dtype))
         return result
 
     def __repr__(self) -> str:

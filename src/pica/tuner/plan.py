@@ -161,12 +161,11 @@ def plan_adapter(
     real = [name for name, module in targets.items() if not module.weight.is_meta]
     bad, fingerprints = [], {}
     for name in real:  # one weight at a time: never every de-quantised weight at once
-        weight = read(name)
-        if not torch.isfinite(weight).all():
+        fingerprint = weight_fingerprint(read(name))  # its float64 norm is finite iff every entry of the weight is
+        if torch.isfinite(fingerprint[0]):
+            fingerprints[name] = fingerprint
+        else:
             bad.append(name)
-        elif not bad:
-            fingerprints[name] = weight_fingerprint(weight)
-        del weight
     if bad:
         raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
     requantized = {name: targets[name] for name in schemes if name in fingerprints and not is_quantized(targets[name])}
