@@ -89,3 +89,23 @@ def wrapped_by(policy: Callable, model: nn.Module) -> list[str]:
         return bool(policy(module=module, recurse=False, nonwrapped_numel=numel))
 
     return [name for name, module in model.named_modules() if name and wraps(module)]
+
+
+FSDP2_CONFIG = CONFIG.with_name("accelerate_fsdp2.yaml")
+
+
+def fsdp2_units(model: nn.Module, config_file: Path = FSDP2_CONFIG) -> list[str]:
+    """Names of the modules accelerate's ``fsdp2_prepare_model`` gives a ``fully_shard`` unit of their own
+    through the config's auto-wrap policy (the root is always one; the embedding and the tail, which
+    accelerate carves out separately, are not included)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
+
+    with launched_environment(config_file):
+        plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(model)  # as fsdp2_prepare_model does
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert policy is not None, "the config implies no FSDP2 auto-wrap policy"
+    names = {module: name for name, module in model.named_modules()}
+    chosen = {names[module] for module in get_module_children_bottom_up(model)[:-1] if policy(module)}
+    return [name for name, _ in model.named_modules() if name in chosen]

@@ -61,8 +61,10 @@ def test_config_policies_wrap_each_decoder_layer(share):
 
 
 def test_fsdp2_through_trainer_would_not_wrap_per_layer():
-    """Why the example uses FSDP1: Trainer puts peft's policy on the plugin, and accelerate's FSDP2 path
-    only translates transformer-/size-based policies, so it would shard nothing below the root."""
+    """Why this example uses FSDP1 with peft's policy: accelerate's FSDP2 path only translates
+    transformer-/size-based policies, so given peft's (which Trainer installs under FSDP1) it would shard
+    nothing below the root. Under FSDP2 Trainer keeps the config's policy (examples/accelerate_fsdp2.yaml,
+    test_accelerate_fsdp2_config.py)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
