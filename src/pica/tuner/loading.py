@@ -381,7 +381,7 @@ def _misfit(key: str, tensor: torch.Tensor | None, what: str, shape: tuple[int, 
         return f"{what} has shape {tuple(tensor.shape)}, expected {shape}"
     if rank is not None and (problem := check_tensor(key, tensor, rank)):
         return problem
-    if not torch.isfinite(tensor.to(dtype)).all():
+    if tensor.dtype != dtype and not torch.isfinite(tensor.to(dtype)).all():  # same dtype: checked when read
         return f"{what} ({tensor.dtype}) has values that are not finite in {dtype}, the dtype it is loaded into"
     return None
 
