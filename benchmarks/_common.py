@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -9,6 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -112,3 +114,12 @@ def saved_for_backward_bytes(forward: Callable[[], torch.Tensor]) -> int:
         out = forward()
     del out
     return sum(seen.values())
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print ``result`` as JSON on stdout and, if ``out`` is given, write the same text there (folders made)."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

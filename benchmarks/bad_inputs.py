@@ -23,7 +23,6 @@ are bitwise equal to before, with the same state-dict keys, module types, ``requ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,6 +38,7 @@ import transformers
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from _common import emit  # benchmarks/ is on sys.path when this file runs as a script
 from pica import PiCaConfig
 from tests.conftest import make_llama, randomize_updates
 from tests.tuner import test_adversarial_loads as adversarial
@@ -173,11 +173,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     report = run()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ PiCa's (> 1: PiCa faster).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians, machine_info  # noqa: E402
+from _common import emit, interleaved_medians, machine_info  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GemmaConfig, GemmaForCausalLM  # noqa: E402
 
@@ -157,11 +156,7 @@ def main() -> None:
         "samples_s": {name: t["samples_s"] for name, t in timings.items()},
     }
     result["machine"] = machine_info()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -52,7 +51,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peft
 import transformers
-from _common import PeakTensorMemory, interleaved_medians, machine_info
+from _common import PeakTensorMemory, emit, interleaved_medians, machine_info
 from transformers import GemmaConfig, GemmaForCausalLM
 
 import pica
@@ -332,11 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for precision in settings.values():
         for entry in precision.values():
             assert math.isfinite(entry["ratio_to_base"]) and entry["ratio_to_base"] > 0
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -239,7 +239,7 @@ def main() -> None:
         _worker(args.worker, args.worker_out)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import machine_info
+    from _common import emit, machine_info
 
     info = machine_info()
     info["command"] = "DS_ACCELERATOR=cpu " + " ".join(shlex.quote(a) for a in ["python", *sys.argv])
@@ -257,11 +257,7 @@ def main() -> None:
     info.update(transformers=transformers.__version__, peft=peft.__version__, steps=STEPS, lr=LR, rank=RANK,
                 batch=BATCH, sequence=SEQUENCE)
     report = {"machine": info, "variants": {variant: _run_variant(variant) for variant in args.variants}}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
