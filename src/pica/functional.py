@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cheaper_form", "delta_weight", "merged_pica_linear", "pica_delta"]
+__all__ = ["cheaper_form", "delta_weight", "merged_pica_linear", "pica_coordinates", "pica_delta"]
 
 
 def pica_delta(x: torch.Tensor, projector: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,21 @@ def pica_delta(x: torch.Tensor, projector: torch.Tensor, update: torch.Tensor) -
     Returns:
         ``(..., out_features)`` tensor in ``update.dtype``.
     """
-    x = x.to(update.dtype)
-    coordinates = F.linear(x, projector.to(update.dtype))  # (..., rank)
-    return F.linear(coordinates, update)  # (..., out_features)
+    return F.linear(pica_coordinates(x, projector, update.dtype), update)  # (..., out_features)
+
+
+def pica_coordinates(x: torch.Tensor, projector: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x Pᵀ``, the coordinates of ``x`` in ``P``'s subspace, computed in ``dtype`` (the adapter's).
+
+    Args:
+        x: ``(..., in_features)`` input activations.
+        projector: ``(r, in_features)`` ``P`` (or its leading rows).
+        dtype: compute dtype, ``M``'s.
+
+    Returns:
+        ``(..., r)`` tensor in ``dtype``.
+    """
+    return F.linear(x.to(dtype), projector.to(dtype))
 
 
 def delta_weight(projector: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ try:  # FSDP2 keeps the parameters of a unit that is not running as DTensor shar
 except ImportError:  # torch built without distributed support
     _Sharded = ()
 
-from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_delta
+from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_coordinates, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
 from ..sharded_state import broadcast_by_fsdp1, full_weight, local_entries, replicate_entries
 from ..shared_storage import apply_keeping_shares, share, take_for_load
@@ -406,10 +406,10 @@ class Linear(nn.Module, PiCaLayer):
                 storage = name if projector.is_meta else projector.untyped_storage().data_ptr()
                 groups.setdefault((storage, self.get_update(name).dtype), []).append(name)
         for (_, dtype), names in groups.items():
-            rows = [i for i, row in enumerate(adapter_names) if row in names]
+            rows = [i for i, row in enumerate(adapter_names) if row in set(names)]
             widest = max(names, key=lambda name: self.rank[name])  # the others hold its leading rows
             x_rows = x if len(rows) == x.shape[0] else x.index_select(0, torch.tensor(rows, device=x.device))
-            coordinates = F.linear(x_rows.to(dtype), self.pica_P[widest].to(dtype))  # (len(rows), ..., widest rank)
+            coordinates = pica_coordinates(x_rows, self.pica_P[widest], dtype)  # (len(rows), ..., widest rank)
             for name in names:
                 picked = [k for k, i in enumerate(rows) if adapter_names[i] == name]
                 own = coordinates.index_select(0, torch.tensor(picked, device=x.device))[..., : self.rank[name]]
