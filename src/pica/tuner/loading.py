@@ -53,7 +53,7 @@ from ..sketch import SKETCH_SIZE, SKETCH_TOLERANCE, align_to_sketch
 from .adapter_state import UPDATE_PREFIX, auxiliary_tensors, state_dict_module_name
 from .config import PICA_PEFT_TYPE, PiCaConfig
 from .layer import fingerprint_mismatches, merged_adapter_names, pica_layers
-from .quantized import adapter_view
+from ..quantization_record import adapter_view
 
 __all__ = ["ORTHONORMAL_TOLERANCE", "call_arguments", "check_arguments", "check_for_model", "load_checked",
            "projectors_being_loaded", "read_adapter", "read_config", "refuse_transformers_load_adapter",

@@ -21,14 +21,11 @@ from torch import nn
 
 from . import adapter_state, loading
 from .config import DEFAULT_TARGET_MODULES, PICA_PREFIX, PiCaConfig
-from .layer import Linear, PiCaLayer, merged_adapter_names, non_finite_alone, pica_layers, refuse_quantized_merge
+from .layer import Linear, PiCaLayer, check_merge, merged_adapter_names, pica_layers
 from .plan import AdapterPlan, plan_adapter
 from ..base_weights import guard_quantized_layers, is_quantized
 
 __all__ = ["PiCaModel"]
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def _with_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
     """Forward pre-hook: the call gets ``adapter_names=names``."""
@@ -36,11 +33,8 @@ def _with_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: lis
 
 
 class PiCaModel(BaseTuner):
-    """Wraps a model with PiCa adapters. Use it through ``peft.get_peft_model(model, PiCaConfig(...))``.
-
-    All validation and every projector are computed before the first module is replaced, so an
-    error leaves the model untouched.
-    """
+    """PiCa's tuner: ``peft.get_peft_model(model, PiCaConfig(...))``. Everything is validated and every projector
+    computed before the first module is replaced, so an error leaves the model untouched."""
 
     prefix: str = PICA_PREFIX
     tuner_layer_cls = PiCaLayer
@@ -52,28 +46,19 @@ class PiCaModel(BaseTuner):
         super().__init__(model, config, adapter_name, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: PiCaConfig, model_config: dict) -> PiCaConfig:
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None and (defaults := self.target_module_mapping.get(model_type)) is None:
+            raise ValueError(f"PiCaConfig.target_modules is not set and model_type {model_type!r} has no default. Please "
+                             f"specify `target_modules` in `peft_config` (model types with a default: "
+                             f"{sorted(self.target_module_mapping)})")
         if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            defaults = self.target_module_mapping.get(model_type)
-            if defaults is None:
-                raise ValueError(
-                    f"PiCaConfig.target_modules is not set and model_type {model_type!r} has no default. Please "
-                    f"specify `target_modules` in `peft_config` (model types with a default: "
-                    f"{sorted(self.target_module_mapping)})"
-                )
             peft_config.target_modules = defaults if isinstance(defaults, str) else list(defaults)
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """Plan (validate, compute or take the projectors, create ``M``), then let peft replace the modules.
-
-        The other adapters' ``M`` keep their ``requires_grad`` (peft restores only the flags of
-        parameters under ``model``; ``M`` lives on the tuner).
-
-        Raises:
-            ValueError: an adapter is merged (peft would unmerge it, and the new adapter's projectors and
-                fingerprints would have been taken from the merged weights), or a planning error.
-        """
+        """Plan (validate, compute or take the projectors, create ``M``), then let peft replace the modules; the
+        other adapters' ``M`` keep their ``requires_grad``. Raises ``ValueError``: a planning error, or an adapter
+        is merged (the new projectors would be taken from merged weights)."""
         merged = merged_adapter_names(model)
         if merged:
             raise ValueError(f"PiCa adapter(s) {merged} are merged into the base weights; call unmerge_adapter() "
@@ -81,18 +66,8 @@ class PiCaModel(BaseTuner):
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
         config = _maybe_include_all_linear_layers(config, model)
-        plan = plan_adapter(
-            model,
-            rank=config.rank,
-            share_across_layers=config.share_across_layers,
-            projector_dtype=_DTYPES[config.projector_dtype],
-            is_target=lambda key: self._check_target_module_exists(config, key),
-            target_description=config.target_modules,
-            subspace=config.subspace,
-            subspace_seed=config.subspace_seed,
-            projectors=loading.projectors_being_loaded(adapter_name, config),
-            base_quantization=config.base_quantization,
-        )
+        plan = plan_adapter(model, config, lambda key: self._check_target_module_exists(config, key),
+                            loading.projectors_being_loaded(adapter_name, config))
         config.base_quantization = plan.quantization
         if not config.init_weights:  # peft's init_weights=False: an adapter that changes the output (tests)
             with torch.no_grad():
@@ -204,15 +179,10 @@ class PiCaModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """peft enters this around every forward and generate. ``adapter_names`` (one adapter per row,
-        ``"__base__"`` for the base model) is passed to every PiCa layer and ``modules_to_save`` wrapper for
-        the call; with beam search (``num_beams``) each name is repeated per beam, except in the encoder of an
-        encoder-decoder model, which sees the original rows. ``alora_offsets`` (aLoRA) is refused.
-
-        Raises:
-            ValueError: ``alora_offsets``; ``adapter_names`` in training mode, with a merged adapter, or naming
-                an adapter that does not exist.
-        """
+        """Around every forward and generate (peft): ``adapter_names`` (one per row, ``"__base__"`` for the base) goes
+        to every PiCa layer and ``modules_to_save`` wrapper, repeated per beam (``num_beams``) except in an
+        encoder. Raises ``ValueError``: ``alora_offsets`` (aLoRA); ``adapter_names`` in training mode, with a
+        merged adapter, or naming an unknown adapter."""
         if kwargs.get("alora_offsets") is not None:
             raise ValueError("PiCa does not support alora_offsets (an aLoRA feature); peft would ignore it")
         adapter_names = kwargs.get("adapter_names")
@@ -258,52 +228,22 @@ class PiCaModel(BaseTuner):
     # ------------------------------------------------------------------ merging
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is changed.
-
-        Raises:
-            ValueError: an unknown adapter name (peft would merge nothing for it), or with ``safe_merge``
-                a merge that gives non-finite weights (nothing merged).
-            TypeError: a base layer is quantised (nothing merged; see :func:`pica.tuner.layer.refuse_quantized_merge`).
-        """
-        self._check_adapter_names(adapter_names)
-        refuse_quantized_merge(dict(pica_layers(self.model)))
-        if safe_merge:
-            self._check_merge_is_finite(adapter_names)
+        """Merge into the base weights; every layer is checked (:func:`pica.tuner.layer.check_merge`) before any
+        changes. Raises ``ValueError`` for an unknown adapter name (peft would merge nothing for it)."""
+        self._check_merge(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
         if merge:
-            self._check_adapter_names(adapter_names)
-            refuse_quantized_merge(dict(pica_layers(self.model)))
-        if merge and safe_merge:
-            self._check_merge_is_finite(adapter_names)
+            self._check_merge(adapter_names, safe_merge)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, adapter_names=adapter_names)
 
-    def _check_adapter_names(self, adapter_names: Optional[list[str]]) -> None:
-        """Raise, naming them, if ``adapter_names`` holds names of no adapter of this model."""
-        if adapter_names is None:
-            return
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
+    def _check_merge(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        if unknown := [name for name in names or () if name not in self.peft_config]:
             raise ValueError(f"PiCa: no adapter named {unknown}; adapters: {sorted(self.peft_config)}; nothing merged")
-
-    def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
-        """Raise, naming the modules, if merging would give non-finite weights anywhere (nothing is merged)."""
-        bad, broken = [], []
-        for name, layer in pica_layers(self.model):
-            names = [a for a in (adapter_names or layer.active_adapters) if a in layer.pica_P and a not in layer.merged_adapters]
-            weight = layer.get_base_layer().weight
-            deltas = {a: layer._delta_in_storage_layout(a, weight.dtype) for a in names}
-            if names and not torch.isfinite(weight + sum(deltas.values())).all():
-                bad.append(name)
-                broken += [a for a in non_finite_alone(weight, deltas) if a not in broken]
-        if bad:
-            # peft's wording first (callers match on it), then which modules
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be "
-                             f"broken: NaNs or infs would appear when merging PiCa adapter(s) into {bad[:6]}; "
-                             "nothing merged")
+        check_merge(dict(pica_layers(self.model)), names, safe_merge)
 
     # ------------------------------------------------------------------ adapter files (peft's hooks)
 

@@ -1,8 +1,5 @@
-"""Plan an adapter before touching the model: targets, groups, projectors, shared ``M``.
-
-Every check runs here, before peft replaces a single module, so a bad config or model leaves the
-model exactly as it was.
-"""
+"""Plan an adapter before touching the model: targets, groups, projectors, shared ``M``. Every check runs here,
+before peft replaces a single module, so a bad config or model leaves the model exactly as it was."""
 
 from __future__ import annotations
 
@@ -24,9 +21,10 @@ from ..projector_batch import LazyWeight
 from ..projector_sharing import compute_projectors
 from ..grouping import roles as group_roles, update_key, validate_groups
 from ..random_subspace import random_orthonormal_rows
-from ..base_weights import base_shape, base_weight_out_in, check_supported, is_quantized
+from ..base_weights import base_shape, check_supported, is_quantized
+from ..quantization_record import adapter_view, quantization_distances, quantization_record, target_schemes
+from .config import PiCaConfig
 from .layer import PiCaLayer
-from .quantized import adapter_view, quantization_record, requantized_weight, target_schemes
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +36,13 @@ class LayerPlan:
     """What one targeted layer receives.
 
     Attributes:
-        group_key: key of the group's ``M`` (:func:`pica.grouping.update_key` of the role, or of
-            the module name when unshared).
+        group_key: key of the group's ``M`` (:func:`pica.grouping.update_key` of the role, or of the module).
         projector: ``(rank, in_features)`` frozen ``P``.
         fingerprint: ``(FINGERPRINT_SIZE,)`` float64 fingerprint of the base weight.
-        scheme: for a full-precision base of an adapter trained on its quantised form, the scheme that
-            ``P`` and the fingerprint were taken through (:func:`pica.tuner.quantized.target_schemes`).
-        origin: how ``P`` is made here: subspace, its seed, projector dtype, the scheme read through
-            (an adapter with the same origin on the same weight takes the ``P`` a layer already holds).
+        scheme: the quantisation record ``P`` and the fingerprint read the weight by
+            (:func:`pica.quantization_record.target_schemes`), or None.
+        origin: how ``P`` is made (subspace, seed, projector dtype, scheme): an adapter of the same origin on the
+            same weight takes the ``P`` a layer already holds.
     """
 
     group_key: str
@@ -91,46 +88,28 @@ def _log_progress(count: int, total: int, name: str, shape: tuple[int, int]) -> 
     logger.debug("PiCa projector %d/%d: %s %s", count, total, name, shape)
 
 
-def plan_adapter(
-    model: nn.Module,
-    rank: int,
-    share_across_layers: bool,
-    projector_dtype: torch.dtype,
-    is_target: Callable[[str], object],
-    target_description: object,
-    subspace: str = "top",
-    subspace_seed: int = 0,
-    projectors: Mapping[str, torch.Tensor] | None = None,
-    base_quantization: dict | None = None,
-) -> AdapterPlan:
-    """Find, validate and prepare every target of one adapter.
+def plan_adapter(model: nn.Module, config: PiCaConfig, is_target: Callable[[str], object],
+                 projectors: Mapping[str, torch.Tensor] | None = None) -> AdapterPlan:
+    """Find, validate and prepare every target of one adapter; ``model`` is not changed.
 
     Args:
-        model: the model to adapt (not yet modified).
-        rank: the config's rank.
-        share_across_layers: group by role (True) or per layer (False).
-        projector_dtype: float32 or float64 for the projector computation.
-        is_target: peft's matcher for the prepared config (name → truthy / ``_ExcludedModule``).
-        target_description: the config's ``target_modules``, for error messages.
-        subspace: ``"top"`` singular vectors or a ``"random"`` orthonormal ``P`` (ablation).
-        subspace_seed: seed of the random ``P`` (with the module name).
-        projectors: module name → ``(rank, in_features)`` ``P`` read from an adapter file being loaded
-            (``projector_storage="full"``); every target must have one. None: compute every ``P``.
-        base_quantization: the adapter's ``PiCaConfig.base_quantization`` (None: record this base's).
-
-    Returns:
-        The plan; nothing in ``model`` has changed.
+        model: the model to adapt.
+        config: the adapter's prepared config (``target_modules`` filled in).
+        is_target: peft's matcher for it (name → truthy / ``_ExcludedModule``).
+        projectors: module name → ``(rank, in_features)`` ``P`` from the adapter file being loaded; every
+            target must have one. None: compute (or take from another adapter) every ``P``.
 
     Raises:
-        ValueError: no matches (listing candidates), rank too large (listing modules), mixed
-            ``out_features`` in a group, non-finite weights, a given ``P`` missing or mis-shaped (naming
-            modules).
+        ValueError: no matches (listing candidates), rank too large, mixed ``out_features`` in a group,
+            non-finite weights, a given ``P`` missing or mis-shaped (naming modules).
         TypeError: a target of an unsupported layer type (naming it).
     """
+    rank, subspace, subspace_seed = config.rank, config.subspace, config.subspace_seed
+    projector_dtype = getattr(torch, config.projector_dtype)
     targets = _find_targets(model, is_target)
     if not targets:
         raise ValueError(
-            f"PiCa target_modules {target_description!r} matched no module of {type(model).__name__}; "
+            f"PiCa target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
             f"linear layer names in this model include {_candidates(model)}"
         )
     check_supported(targets)
@@ -147,10 +126,10 @@ def plan_adapter(
         raise ValueError(f"PiCaConfig.rank={rank} exceeds min(out_features, in_features) of {too_small[:8]}")
     roles = group_roles(list(targets), lambda path: type(model.get_submodule(path)).__name__,
                         lambda path: [type(child).__name__ for key, child in model.get_submodule(path).named_children()
-                                      if key.isdecimal()], share_across_layers)
+                                      if key.isdecimal()], config.share_across_layers)
     members = validate_groups(roles, {name: shape[0] for name, shape in shapes.items()})
     groups = {name: update_key(role) for name, role in roles.items()}
-    record = base_quantization if base_quantization is not None else quantization_record(targets)
+    record = config.base_quantization if config.base_quantization is not None else quantization_record(targets)
     schemes = target_schemes(record, targets)  # how to read each target trained quantised (see quantized.adapter_view)
     origins = {name: (subspace, subspace_seed if subspace == "random" else None, str(projector_dtype),
                       json.dumps(schemes.get(name), sort_keys=True)) for name in targets}
@@ -170,7 +149,14 @@ def plan_adapter(
         raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
     requantized = {name: targets[name] for name in schemes if name in fingerprints and not is_quantized(targets[name])}
     if requantized:
-        _warn_quantization_distance(record, requantized)
+        distances = quantization_distances(record, requantized)
+        worst = max(distances, key=distances.get)
+        logger.warning(
+            "PiCa adapter trained on a quantised base (%s) is used on full-precision weights at %d module(s): its P "
+            "and fingerprints are taken from these weights quantised again by that scheme, but the outputs are those "
+            "of the full-precision base, which differs from the trained-on one by quantisation: relative weight "
+            "distance %.3g (mean) up to %.3g (%s).", {k: v for k, v in record.items() if k != "unquantized_modules"},
+            len(distances), sum(distances.values()) / len(distances), distances[worst], worst)
     devices = {name: targets[name].weight.device for name in real}
     if projectors is not None:
         unfit = [f"{name}: P missing" if name not in projectors else f"{name}: P has shape "
@@ -216,21 +202,3 @@ def plan_adapter(
         updates[update_key(role)] = nn.Parameter(torch.zeros(shapes[names[0]][0], rank, device=device))  # (out, rank) fp32
     logger.info("PiCa: %d layers in %d groups, rank %d", len(layers), len(updates), rank)
     return AdapterPlan(layers, updates, record)
-
-
-def _warn_quantization_distance(record: dict, targets: dict[str, nn.Module]) -> None:
-    """Warn that an adapter trained on a quantised base is used on full-precision weights, and how far apart
-    the two bases are (the largest relative distance ``‖W − Q(W)‖_F / ‖W‖_F`` over the layers)."""
-    distances = {}
-    for name, module in targets.items():  # one layer at a time
-        weight = base_weight_out_in(module).detach().float()  # (out, in)
-        quantized = requantized_weight(weight, record)
-        distances[name] = float(torch.linalg.norm(weight - quantized) / torch.linalg.norm(weight).clamp_min(1e-30))
-    worst = max(distances, key=distances.get)
-    scheme = {key: value for key, value in record.items() if key != "unquantized_modules"}
-    logger.warning(
-        "PiCa adapter trained on a quantised base (%s) is used on full-precision weights at %d module(s): its P and "
-        "fingerprints are taken from these weights quantised again by that scheme, but the outputs are those of the "
-        "full-precision base, which differs from the trained-on one by quantisation: relative weight distance "
-        "%.3g (mean) up to %.3g (%s).", scheme, len(distances), sum(distances.values()) / len(distances),
-        distances[worst], worst)

@@ -1,4 +1,5 @@
 """The quantisation record of an adapter (``PiCaConfig.base_quantization``) and how ``P`` reads weights by it.
+No ``peft`` import.
 
 An adapter trained on a bitsandbytes-quantised base (:mod:`pica.base_weights`) records the scheme
 (:func:`quantization_record`). ``P`` and fingerprints read a 4-bit weight with its block scales rounded
@@ -16,10 +17,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..base_weights import (QUANTIZATION_METHODS, SCHEME_KEYS, base_weight_out_in, dequantize_4bit, dequantized,
+from .base_weights import (QUANTIZATION_METHODS, SCHEME_KEYS, base_weight_out_in, dequantize_4bit, dequantized,
                             is_quantized, layer_scheme)
 
-__all__ = ["BLOCK_SCALES", "adapter_view", "quantization_record", "requantized_weight", "target_schemes"]
+__all__ = ["BLOCK_SCALES", "adapter_view", "check_record", "quantization_distances", "quantization_record",
+           "requantized_weight", "target_schemes"]
 
 BLOCK_SCALES = "bfloat16"
 """``base_quantization["block_scales"]`` of new 4-bit records: ``P`` and fingerprints were read with the block
@@ -125,3 +127,34 @@ def adapter_view(module: nn.Module, scheme: Optional[dict[str, Any]]) -> torch.T
     if scheme is None or weight.is_meta:
         return weight
     return requantized_weight(weight, scheme)
+
+
+def check_record(record: Any) -> None:
+    """Raise ``ValueError`` naming the problem if ``record`` is not a valid ``PiCaConfig.base_quantization``."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or record.get("method") not in SCHEME_KEYS:
+        raise ValueError(f"PiCaConfig.base_quantization must be None or a dict with 'method' in {sorted(SCHEME_KEYS)}, "
+                         f"got {record!r}")
+    expected = {"method", "unquantized_modules", *SCHEME_KEYS[record["method"]]}
+    optional = {"block_scales"} if record["method"] == "bitsandbytes_4bit" else set()
+    if not expected <= set(record) <= expected | optional:
+        raise ValueError(f"PiCaConfig.base_quantization for {record['method']} needs exactly the keys {sorted(expected)}"
+                         f"{f' (optionally {sorted(optional)})' if optional else ''}, got {sorted(record)}")
+    if record.get("block_scales", BLOCK_SCALES) != BLOCK_SCALES:
+        raise ValueError(f"PiCaConfig.base_quantization['block_scales'] must be {BLOCK_SCALES!r}, "
+                         f"got {record['block_scales']!r}")
+    modules = record["unquantized_modules"]
+    if not isinstance(modules, list) or not all(isinstance(name, str) for name in modules):
+        raise ValueError(f"PiCaConfig.base_quantization['unquantized_modules'] must be a list of str, got {modules!r}")
+
+
+def quantization_distances(record: dict[str, Any], modules: dict[str, nn.Module]) -> dict[str, float]:
+    """Module name → ``‖W − Q(W)‖_F / ‖W‖_F``: how far each full-precision weight is from itself quantised by
+    ``record`` (computed one layer at a time)."""
+    distances = {}
+    for name, module in modules.items():
+        weight = base_weight_out_in(module).detach().float()  # (out, in)
+        quantized = requantized_weight(weight, record)
+        distances[name] = float(torch.linalg.norm(weight - quantized) / torch.linalg.norm(weight).clamp_min(1e-30))
+    return distances
