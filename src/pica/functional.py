@@ -9,12 +9,14 @@ For a layer with frozen base weight ``W0 (out×in)``, frozen projector ``P (rank
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cheaper_form", "delta_weight", "merged_pica_linear", "pica_coordinates", "pica_delta"]
+__all__ = ["add_mixed_pica_terms", "cheaper_form", "delta_weight", "merged_pica_linear", "pica_coordinates",
+           "pica_delta"]
 
 
 def pica_delta(x: torch.Tensor, projector: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,38 @@ def pica_coordinates(x: torch.Tensor, projector: torch.Tensor, dtype: torch.dtyp
         ``(..., r)`` tensor in ``dtype``.
     """
     return F.linear(x.to(dtype), projector.to(dtype))
+
+
+def add_mixed_pica_terms(result: torch.Tensor, x: torch.Tensor, row_adapters: Sequence[str],
+                         terms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add to row ``i`` of ``result`` the PiCa term of adapter ``row_adapters[i]`` (none if it is not in ``terms``).
+
+    Adapters whose ``P`` are views of one storage (their ``M`` in one dtype) are projected once, at the widest
+    rank (the others hold its leading rows); each ``M`` then applies to its own rows only.
+
+    Args:
+        result: ``(batch, ..., out_features)``, updated in place.
+        x: ``(batch, ..., in_features)``.
+        row_adapters: one adapter name per row.
+        terms: adapter name → (``P (rank, in_features)``, ``M (out_features, rank)``).
+    """
+    groups: dict[tuple, list[str]] = {}  # (P storage, M dtype) -> adapters, each once, in order of first use
+    for name in dict.fromkeys(row_adapters):
+        if name in terms:
+            projector, update = terms[name]
+            storage = name if projector.is_meta else projector.untyped_storage().data_ptr()
+            groups.setdefault((storage, update.dtype), []).append(name)
+    for (_, dtype), names in groups.items():
+        rows = [i for i, row in enumerate(row_adapters) if row in set(names)]
+        widest = max(names, key=lambda name: terms[name][0].shape[0])
+        x_rows = x if len(rows) == x.shape[0] else x.index_select(0, torch.tensor(rows, device=x.device))
+        coordinates = pica_coordinates(x_rows, terms[widest][0], dtype)  # (len(rows), ..., widest rank)
+        for name in names:
+            projector, update = terms[name]
+            picked = [k for k, i in enumerate(rows) if row_adapters[i] == name]
+            own = coordinates.index_select(0, torch.tensor(picked, device=x.device))[..., : projector.shape[0]]
+            delta = F.linear(own, update)  # (len(picked), ..., out_features)
+            result.index_add_(0, torch.tensor([rows[k] for k in picked], device=x.device), delta.to(result.dtype))
 
 
 def delta_weight(projector: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -22,7 +21,7 @@ try:  # FSDP2 keeps the parameters of a unit that is not running as DTensor shar
 except ImportError:  # torch built without distributed support
     _Sharded = ()
 
-from ..functional import cheaper_form, delta_weight, merged_pica_linear, pica_coordinates, pica_delta
+from ..functional import add_mixed_pica_terms, cheaper_form, delta_weight, merged_pica_linear, pica_delta
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
 from ..sharded_state import broadcast_by_fsdp1, full_weight, local_entries, replicate_entries
 from ..shared_storage import apply_keeping_shares, share, take_for_load
@@ -192,7 +191,7 @@ class PiCaLayer(BaseTunerLayer):
         self.pica_unset: set[str] = set()  # adapters made on a meta-device base: P never computed nor loaded
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.pica_forward_mode: str = kwargs.pop("forward_mode", "auto")
+        self.pica_forward_mode = "auto"  # the adapter config's, set at each injection
         self.out_features, self.in_features = base_shape(self.get_base_layer())
         self.kwargs = kwargs
         self.register_load_state_dict_pre_hook(_note_loaded_keys)
@@ -346,22 +345,8 @@ class Linear(nn.Module, PiCaLayer):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
                              "first.")
         result = self.base_layer(x, *args, **kwargs)
-        groups: dict[tuple, list[str]] = {}  # adapters on one P storage (and one M dtype): one projection
-        for name in dict.fromkeys(adapter_names):  # each adapter once, in order of first use
-            if name in self.pica_P:
-                projector = self.pica_P[name]
-                storage = name if projector.is_meta else projector.untyped_storage().data_ptr()
-                groups.setdefault((storage, self.get_update(name).dtype), []).append(name)
-        for (_, dtype), names in groups.items():
-            rows = [i for i, row in enumerate(adapter_names) if row in set(names)]
-            widest = max(names, key=lambda name: self.rank[name])  # the others hold its leading rows
-            x_rows = x if len(rows) == x.shape[0] else x.index_select(0, torch.tensor(rows, device=x.device))
-            coordinates = pica_coordinates(x_rows, self.pica_P[widest], dtype)  # (len(rows), ..., widest rank)
-            for name in names:
-                picked = [k for k, i in enumerate(rows) if adapter_names[i] == name]
-                own = coordinates.index_select(0, torch.tensor(picked, device=x.device))[..., : self.rank[name]]
-                delta = F.linear(own, self.get_update(name))  # (len(picked), ..., out_features)
-                result.index_add_(0, torch.tensor([rows[k] for k in picked], device=x.device), delta.to(result.dtype))
+        add_mixed_pica_terms(result, x, adapter_names, {name: (self.pica_P[name], self.get_update(name))
+                                                        for name in set(adapter_names) if name in self.pica_P})
         return result
 
     def __repr__(self) -> str:

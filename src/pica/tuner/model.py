@@ -59,8 +59,7 @@ class PiCaModel(BaseTuner):
         """Plan (validate, compute or take the projectors, create ``M``), then let peft replace the modules; the
         other adapters' ``M`` keep their ``requires_grad``. Raises ``ValueError``: a planning error, or an adapter
         is merged (the new projectors would be taken from merged weights)."""
-        merged = merged_adapter_names(model)
-        if merged:
+        if merged := merged_adapter_names(model):
             raise ValueError(f"PiCa adapter(s) {merged} are merged into the base weights; call unmerge_adapter() "
                              f"before adding adapter '{adapter_name}' (its projectors are taken from W0)")
         config = self.peft_config[adapter_name]
@@ -90,25 +89,13 @@ class PiCaModel(BaseTuner):
                 update.requires_grad_(requires_grad)
         guard_quantized_layers(model)
 
-    def _create_and_replace(
-        self,
-        peft_config: PiCaConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: Optional[str] = None,
-    ) -> None:
+    def _create_and_replace(self, peft_config: PiCaConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
         layer_plan = self._pica_plans[adapter_name].layers.get(current_key)
         if layer_plan is None:
             raise ValueError(f"PiCa: module {current_key} was not planned for adapter '{adapter_name}'")
-        if isinstance(target, PiCaLayer):
-            layer = target
-        else:
-            layer = Linear(target, adapter_name, self.pica_M, forward_mode=peft_config.forward_mode)
-        layer.update_layer(adapter_name, layer_plan.group_key, layer_plan.projector, layer_plan.fingerprint,
-                           inference_mode=peft_config.inference_mode, scheme=layer_plan.scheme, origin=layer_plan.origin)
+        layer = target if isinstance(target, PiCaLayer) else Linear(target, adapter_name, self.pica_M)
+        layer.update_layer(adapter_name, **vars(layer_plan), inference_mode=peft_config.inference_mode)
         layer.pica_forward_mode = peft_config.forward_mode
         if layer is not target:
             if adapter_name not in self.active_adapters:
@@ -194,12 +181,10 @@ class PiCaModel(BaseTuner):
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode. (peft's wording; "
                              "mixed-adapter batches are for inference: call model.eval())")
-        merged = merged_adapter_names(self.model)
-        if merged:
+        if merged := merged_adapter_names(self.model):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
                              f"first. (merged: {merged})")
-        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config))
-        if unknown:
+        if unknown := sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config)):
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. (peft's wording; "
                              f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
                              f"{sorted(self.peft_config)} (and '__base__'))")
