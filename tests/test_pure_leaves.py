@@ -48,7 +48,7 @@ def _run(script: str) -> str:
 def test_importing_the_leaves_imports_neither_peft_nor_transformers_even_when_installed():
     script = ("import sys, pica.projector, pica.projector_batch, pica.functional, pica.fingerprint, pica.io, "
               "pica.sketch, pica.grouping, pica.naming, pica.random_subspace, pica.module_state, pica.projector_sharing, "
-              "pica.sharded_state, pica.shared_storage, pica.default_targets; "
+              "pica.sharded_state, pica.shared_storage, pica.default_targets, pica.row_adapters; "
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'transformers')))")
     assert _run(script) == "[]"
 

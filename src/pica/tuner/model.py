@@ -10,7 +10,6 @@ parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it a
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -24,13 +23,9 @@ from .config import DEFAULT_TARGET_MODULES, PICA_PREFIX, PiCaConfig
 from .layer import Linear, PiCaLayer, check_merge, merged_adapter_names, pica_layers
 from .plan import AdapterPlan, plan_adapter
 from ..base_weights import guard_quantized_layers, is_quantized
+from ..row_adapters import adapter_names_per_row
 
 __all__ = ["PiCaModel"]
-
-def _with_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
-    """Forward pre-hook: the call gets ``adapter_names=names``."""
-    return args, {**kwargs, "adapter_names": names}
-
 
 class PiCaModel(BaseTuner):
     """PiCa's tuner: ``peft.get_peft_model(model, PiCaConfig(...))``. Everything is validated and every projector
@@ -188,27 +183,11 @@ class PiCaModel(BaseTuner):
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. (peft's wording; "
                              f"adapter_names names adapter(s) that do not exist: {unknown}; adapters: "
                              f"{sorted(self.peft_config)} (and '__base__'))")
-        per_row = list(adapter_names)
-        beams = kwargs.get("num_beams")
-        if isinstance(beams, int) and beams > 1:  # generate repeats each row once per beam
-            per_row = [name for name in adapter_names for _ in range(beams)]
-
-        def receivers(root: nn.Module) -> list[nn.Module]:
-            return [m for m in root.modules() if isinstance(m, (PiCaLayer, AuxiliaryTrainingWrapper))]
-
-        handles = [module.register_forward_pre_hook(functools.partial(_with_adapter_names, names=per_row),
-                                                    with_kwargs=True) for module in receivers(self.model)]
         config = getattr(self.model, "config", None)  # custom models have none
         encoder = self.model.get_encoder() if getattr(config, "is_encoder_decoder", False) else None
-        if encoder is not None and per_row != list(adapter_names):  # registered later: runs last, wins
-            handles += [module.register_forward_pre_hook(functools.partial(_with_adapter_names,
-                                                                           names=list(adapter_names)), with_kwargs=True)
-                        for module in receivers(encoder)]
-        try:
+        with adapter_names_per_row(self.model, lambda m: isinstance(m, (PiCaLayer, AuxiliaryTrainingWrapper)),
+                                   adapter_names, kwargs.get("num_beams"), encoder):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ------------------------------------------------------------------ merging
 

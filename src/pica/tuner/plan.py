@@ -62,11 +62,6 @@ class AdapterPlan:
     quantization: dict | None = None
 
 
-def _candidates(model: nn.Module) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
-    return sorted(names)[:12]
-
-
 def _find_targets(model: nn.Module, is_target: Callable[[str], object]) -> dict[str, nn.Module]:
     """Module name → base layer of every module the config targets (skipping adapter internals)."""
     targets: dict[str, nn.Module] = {}
@@ -108,10 +103,9 @@ def plan_adapter(model: nn.Module, config: PiCaConfig, is_target: Callable[[str]
     projector_dtype = getattr(torch, config.projector_dtype)
     targets = _find_targets(model, is_target)
     if not targets:
-        raise ValueError(
-            f"PiCa target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
-            f"linear layer names in this model include {_candidates(model)}"
-        )
+        names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+        raise ValueError(f"PiCa target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
+                         f"linear layer names in this model include {sorted(names)[:12]}")
     check_supported(targets)
     unsupported = [f"{n} ({type(m).__name__})" for n, m in targets.items() if not isinstance(m, (nn.Linear, Conv1D))]
     if unsupported:
@@ -138,25 +132,20 @@ def plan_adapter(model: nn.Module, config: PiCaConfig, is_target: Callable[[str]
         return adapter_view(targets[name], schemes.get(name))
 
     real = [name for name, module in targets.items() if not module.weight.is_meta]
-    bad, fingerprints = [], {}
-    for name in real:  # one weight at a time: never every de-quantised weight at once
-        fingerprint = weight_fingerprint(read(name))  # its float64 norm is finite iff every entry of the weight is
-        if torch.isfinite(fingerprint[0]):
-            fingerprints[name] = fingerprint
-        else:
-            bad.append(name)
-    if bad:
+    # one weight at a time (never every de-quantised weight at once); a float64 norm is finite iff every entry is
+    fingerprints = {name: weight_fingerprint(read(name)) for name in real}
+    if bad := [name for name, fingerprint in fingerprints.items() if not torch.isfinite(fingerprint[0])]:
         raise ValueError(f"PiCa target(s) {bad[:8]} have non-finite base weights")
     requantized = {name: targets[name] for name in schemes if name in fingerprints and not is_quantized(targets[name])}
     if requantized:
         distances = quantization_distances(record, requantized)
         worst = max(distances, key=distances.get)
-        logger.warning(
-            "PiCa adapter trained on a quantised base (%s) is used on full-precision weights at %d module(s): its P "
-            "and fingerprints are taken from these weights quantised again by that scheme, but the outputs are those "
-            "of the full-precision base, which differs from the trained-on one by quantisation: relative weight "
-            "distance %.3g (mean) up to %.3g (%s).", {k: v for k, v in record.items() if k != "unquantized_modules"},
-            len(distances), sum(distances.values()) / len(distances), distances[worst], worst)
+        logger.warning("PiCa adapter trained on a quantised base (%s) is used on full-precision weights at %d module(s): "
+                       "its P and fingerprints are taken from these weights quantised again by that scheme, but the "
+                       "outputs are those of the full-precision base, which differs from the trained-on one by "
+                       "quantisation: relative weight distance %.3g (mean) up to %.3g (%s).",
+                       {k: v for k, v in record.items() if k != "unquantized_modules"}, len(distances),
+                       sum(distances.values()) / len(distances), distances[worst], worst)
     devices = {name: targets[name].weight.device for name in real}
     if projectors is not None:
         unfit = [f"{name}: P missing" if name not in projectors else f"{name}: P has shape "
@@ -188,17 +177,11 @@ def plan_adapter(model: nn.Module, config: PiCaConfig, is_target: Callable[[str]
         if held:
             logger.info("PiCa: %d of %d projectors taken from another adapter's (same weight and settings)",
                         len(held), len(real))
-    layers: dict[str, LayerPlan] = {}
-    for name, shape in shapes.items():
-        if name not in fingerprints:  # a weightless (meta) base
-            projector = torch.empty(rank, shape[1], device="meta")  # (rank, in_features)
-            fingerprint = torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta")
-        else:
-            projector, fingerprint = projectors[name], fingerprints[name]
-        layers[name] = LayerPlan(groups[name], projector, fingerprint, schemes.get(name), origins[name])
-    updates = {}
-    for role, names in members.items():
-        device = targets[names[0]].weight.device
-        updates[update_key(role)] = nn.Parameter(torch.zeros(shapes[names[0]][0], rank, device=device))  # (out, rank) fp32
+    layers = {name: LayerPlan(groups[name], *((projectors[name], fingerprints[name]) if name in fingerprints else (
+        torch.empty(rank, shape[1], device="meta"), torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta"))),
+        schemes.get(name), origins[name]) for name, shape in shapes.items()}  # P (rank, in); meta for a weightless base
+    updates = {update_key(role): nn.Parameter(torch.zeros(shapes[names[0]][0], rank,  # (out, rank) fp32, zero
+                                                          device=targets[names[0]].weight.device))
+               for role, names in members.items()}
     logger.info("PiCa: %d layers in %d groups, rank %d", len(layers), len(updates), rank)
     return AdapterPlan(layers, updates, record)
