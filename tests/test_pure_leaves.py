@@ -19,6 +19,7 @@ def test_leaves_import_and_compute_with_peft_and_transformers_blocked():
         import torch
         import pica.projector, pica.projector_batch, pica.functional, pica.io, pica.sketch, pica.grouping
         import pica.naming, pica.random_subspace
+        import pica.adapter_format, pica.load_arguments, pica.wrapping
         weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
         projector = pica.projector.top_right_singular_vectors(weight, 3)  # (3, 8)
         assert projector.shape == (3, 8)
@@ -49,6 +50,7 @@ def test_importing_the_leaves_imports_neither_peft_nor_transformers_even_when_in
     script = ("import sys, pica.projector, pica.projector_batch, pica.functional, pica.fingerprint, pica.io, "
               "pica.sketch, pica.grouping, pica.naming, pica.random_subspace, pica.module_state, pica.projector_sharing, "
               "pica.sharded_state, pica.shared_storage, pica.default_targets, pica.row_adapters; "
+              "import pica.adapter_format, pica.load_arguments, pica.wrapping; "
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'transformers')))")
     assert _run(script) == "[]"
 
