@@ -1,6 +1,5 @@
-"""PEFT integration of PiCa: config, layer, tuner model. Importing it registers PiCa with peft (idempotent:
-a second import or a reload is a no-op; another method registered as ``PICA`` is an error) and installs the
-wrappers of :mod:`pica.tuner.integration`. If peft changes its registry, this is the place to fix."""
+"""PEFT integration of PiCa. Importing it registers PiCa with peft (idempotent; another method registered as
+``PICA`` is an error) and installs the wrappers of :mod:`pica.tuner.integration`."""
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method

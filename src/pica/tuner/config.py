@@ -43,8 +43,7 @@ class PiCaConfig(PeftConfig):
         exclude_modules: same rules; never adapted.
         share_across_layers: one ``M`` per role (layer indices wildcarded) if True, per layer if False.
         layers_to_transform, layers_pattern: only these layer indices, of the layer list with this attribute name.
-        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
-        projector_dtype: ``"float32"`` or ``"float64"``: precision of the projector computation.
+        modules_to_save: modules trained in full and saved with the adapter. projector_dtype: of P's computation.
         subspace: ``"top"`` (the method) or ``"random"`` (ablation: a random orthonormal ``P`` drawn from
             ``subspace_seed`` and the module name, stored like the top one).
         projector_storage: ``"full"`` (the file holds every ``P``), ``"compact"`` (a sketch per layer; ``P`` is
@@ -77,8 +76,7 @@ class PiCaConfig(PeftConfig):
         known = {f.name for f in dataclasses.fields(cls)} | {"store_projector"} if dataclasses.is_dataclass(cls) else set()
         unknown = sorted(set(kwargs) - known)
         if known and unknown:
-            # TypeError, as for any unexpected keyword (peft's convention); worded so that peft's
-            # forward-compatibility filter in PeftConfig.from_peft_type does not swallow it.
+            # TypeError (peft's convention), worded so that peft's filter in from_peft_type does not swallow it
             raise TypeError(f"PiCaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return super().__new__(cls)
 

@@ -67,9 +67,8 @@ def fingerprint_mismatches(stored: list[tuple[str, "PiCaLayer", str, torch.Tenso
 
 
 def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: remember this layer's name and whether the call loads its base weight or
-    a fingerprint; P and fingerprints loaded as DTensors (FSDP2 loaders) become plain tensors; shared projectors
-    stay right (:func:`pica.shared_storage.take_for_load`)."""
+    """``load_state_dict`` pre-hook: note the layer's name and the keys loaded; DTensor P and fingerprints (FSDP2
+    loaders) become plain tensors; shared projectors stay right (:func:`pica.shared_storage.take_for_load`)."""
     local_entries(state_dict, prefix + "pica_")
     module._pica_loading = (prefix.rstrip("."), {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)})
     for adapter in list(module.pica_P):  # a shared P is written in place: never change the other adapters'
@@ -78,12 +77,8 @@ def _note_loaded_keys(module: PiCaLayer, state_dict: dict, prefix: str, *args: A
 
 
 def _check_loaded_fingerprints(module: PiCaLayer, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: a fingerprint loaded by any route must match this base weight (loads through
-    peft meet the same check, :func:`fingerprint_mismatches`, before anything is loaded: :mod:`pica.tuner.loading`).
-
-    Raises:
-        ValueError: a loaded fingerprint belongs to another base weight.
-    """
+    """``load_state_dict`` post-hook: raise ``ValueError`` if a fingerprint loaded by any route belongs to another
+    base weight (:func:`fingerprint_mismatches`; loads through peft meet it before anything is loaded)."""
     name, loaded = module.__dict__.pop("_pica_loading", ("", set()))
     module.pica_unset -= {adapter for adapter in module.pica_unset
                           if f"pica_P.{adapter}" in loaded and f"pica_fingerprint.{adapter}" in loaded}
@@ -102,17 +97,10 @@ def _replicated_beside_shards(module: PiCaLayer, state_dict: dict, prefix: str, 
 
 
 def check_merge(layers: dict[str, "PiCaLayer"], adapter_names: Optional[list[str]], safe_merge: bool) -> None:
-    """Refuse a merge before any weight changes: into a quantised base (re-quantising ``W0 + M P`` would change the
-    outputs by the rounding, ~10 % of ``‖W0‖`` for nf4, and unmerging could not restore ``W0``), or, with
-    ``safe_merge``, one that makes a weight non-finite.
-
-    Args: layers module name → layer; adapter_names the adapters to merge (None: each layer's active ones).
-
-    Raises:
-        TypeError: naming the quantised layers, with the alternatives.
-        ValueError: peft's wording, naming the adapters whose merge alone is non-finite (all of them if only
-            their sum is) and the modules.
-    """
+    """Refuse a merge of ``adapter_names`` (None: each layer's active ones) into ``layers`` (name → layer) before
+    any weight changes. Raises ``TypeError`` for a quantised base (re-quantising ``W0 + M P`` would change the
+    outputs by the rounding, and unmerging could not restore ``W0``); with ``safe_merge``, ``ValueError`` (peft's
+    wording) naming the adapters whose merge alone is non-finite (all, if only their sum is) and the modules."""
     quantized = [f"{name or 'layer'} ({type(layer.get_base_layer()).__name__})" for name, layer in layers.items()
                  if is_quantized(layer.get_base_layer())]
     if quantized:
@@ -173,7 +161,7 @@ class _DtypeKeepingBuffers(BufferDict):
 
 
 class PiCaLayer(BaseTunerLayer):
-    """Per-layer state, the lookup of the group's ``M``, and merge logic."""
+    """Per-layer state, the lookup of the group's ``M``, merges."""
 
     adapter_layer_names = ()  # the trainable M lives on the tuner, not on layers
     other_param_names = ("pica_P", "pica_fingerprint", "rank", "pica_group", "pica_scheme", "pica_origin")
@@ -236,8 +224,8 @@ class PiCaLayer(BaseTunerLayer):
         return None
 
     def check_projector(self, adapter_name: str) -> None:
-        """Raise ``RuntimeError`` if ``P`` of ``adapter_name`` was never computed (made on a meta-device base) nor
-        filled since (a load, or FSDP1's rank-0 broadcast, which brings rank 0's base weight and its fingerprint)."""
+        """Raise ``RuntimeError`` if ``P`` was never computed (a meta-device base) nor filled since (a load, or
+        FSDP1's rank-0 broadcast of rank 0's base weight and fingerprint)."""
         if adapter_name in self.pica_unset and broadcast_by_fsdp1(self.pica_P[adapter_name],
                                                                   self.pica_fingerprint[adapter_name]):
             self.pica_unset.discard(adapter_name)
@@ -264,7 +252,7 @@ class PiCaLayer(BaseTunerLayer):
         return update
 
     def refresh_base_fingerprint(self) -> None:
-        """Recompute the base weight's fingerprint (after its values were loaded), as each adapter sees it."""
+        """Recompute the base weight's fingerprint as each adapter reads it (after its values were loaded)."""
         base = self.get_base_layer()
         if not base.weight.is_meta:
             for name in self._base_fingerprint:

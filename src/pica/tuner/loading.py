@@ -108,10 +108,7 @@ def _adapter_directory(passed: dict[str, Any]) -> Path | None:
 
 def read_config(path: Path) -> PiCaConfig | None:
     """``path/adapter_config.json`` as peft's ``PeftConfig.from_pretrained`` builds it; None for another method's.
-
-    Raises:
-        AdapterFileError: missing, not JSON, no or an unknown ``peft_type``, an invalid ``PiCaConfig`` (naming the field).
-    """
+    Raises ``AdapterFileError``: missing, not JSON, no or an unknown ``peft_type``, an invalid field (naming it)."""
     if not path.is_dir():
         raise AdapterFileError(f"adapter directory {path} does not exist")
     values = read_json_object(file := path / CONFIG_NAME)
@@ -131,10 +128,7 @@ def read_config(path: Path) -> PiCaConfig | None:
 
 def read_adapter(path: Path, config: PiCaConfig) -> dict[str, torch.Tensor]:
     """``path/adapter_model.safetensors``, every tensor checked (:func:`pica.adapter_format.check_tensor`).
-
-    Raises:
-        AdapterFileError: missing, empty, truncated or corrupt file; bad tensors (naming the first ones).
-    """
+    Raises ``AdapterFileError``: missing, empty, truncated or corrupt file; bad tensors (naming the first ones)."""
     tensors = read_safetensors_file(file := path / SAFETENSORS_WEIGHTS_NAME)
     if problems := [problem for key, tensor in sorted(tensors.items()) if (problem := check_tensor(key, tensor, config.rank))]:
         raise AdapterFileError(f"{file}: {len(problems)} bad tensor(s): " + "; ".join(problems[:6]))
@@ -145,13 +139,9 @@ _DESCRIPTIVE = {"inference_mode", "auto_mapping", "base_model_name_or_path", "re
 
 
 def check_arguments(passed: dict[str, Any], model: nn.Module, path: Path, config: PiCaConfig) -> None:
-    """Refuse what a PiCa load would ignore or misread: arguments (``passed``, by name) it does not honour
-    (:func:`pica.load_arguments.refuse_unhonoured`), merged PiCa layers, an existing adapter name with another config.
-
-    Raises:
-        TypeError: an argument not honoured at all.
-        ValueError: a value not honoured, merged layers, another config under the name (naming the fields).
-    """
+    """Refuse what a PiCa load would ignore or misread: arguments (``passed``, by name) not honoured (``TypeError``,
+    or ``ValueError`` for a value: :func:`pica.load_arguments.refuse_unhonoured`); merged PiCa layers, or an existing
+    adapter name with another config, naming the fields (``ValueError``)."""
     refuse_unhonoured(passed, model, where := f"PiCa adapter {path}", config)
     if merged := merged_adapter_names(model):
         raise ValueError(f"{where}: PiCa adapter(s) {merged} are merged into the base weights; call "
@@ -173,12 +163,9 @@ def projectors_being_loaded(adapter_name: str, config: PiCaConfig) -> dict[str, 
 
 
 def validated_weights(original: Callable, model_id: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-    """2b. Body of the ``load_peft_weights`` wrapper: during a PiCa load, the tensors of 1 (on ``device``).
-
-    Raises:
-        AdapterFileError: a ``key_mapping`` (peft passes the model's ``_checkpoint_conversion_mapping``); a head's
-            tensor missing or under its loaded-model key (peft renames file keys before the remap hook).
-    """
+    """2b. Body of the ``load_peft_weights`` wrapper: during a PiCa load, the tensors of 1 (on ``device``). Raises
+    ``AdapterFileError``: a ``key_mapping`` (the model's ``_checkpoint_conversion_mapping``), or a head's tensor
+    missing or under its loaded-model key (peft renames file keys before the remap hook)."""
     if (load := _LOADING.get()) is None:
         return original(model_id, *args, **kwargs)
     values = call_arguments(original, model_id, *args, **kwargs)

@@ -1,11 +1,6 @@
-"""``PiCaModel``: the peft ``BaseTuner`` that injects PiCa layers and owns every shared ``M``.
-
-Each adapter's trainable ``M`` per group is registered once, here, in ``self.pica_M[adapter][key]``
-(an ``nn.ModuleDict`` of ``nn.ParameterDict``; ``key`` is the group with ``/`` for ``.``, see
-:func:`pica.grouping.update_key`). Layers look it up at each use. In a ``PeftModel`` the
-parameter is ``base_model.pica_M.<adapter>.<key>``; the adapter file stores it as
-``base_model.pica_M.<key>`` (peft removes the adapter name), see :mod:`pica.tuner.adapter_state`.
-"""
+"""``PiCaModel``: the peft ``BaseTuner`` that injects PiCa layers and owns every shared ``M``, registered once in
+``self.pica_M[adapter][key]`` (``key``: the group with ``/`` for ``.``, :func:`pica.grouping.update_key`), so
+``base_model.pica_M.<adapter>.<key>`` in a ``PeftModel`` and ``base_model.pica_M.<key>`` in the adapter file."""
 
 from __future__ import annotations
 
@@ -138,10 +133,9 @@ class PiCaModel(BaseTuner):
         return self._modules.get("pica_M") or nn.ModuleDict()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """peft's ``autocast_adapter_dtype``: True (default) keeps ``M`` in float32 whatever the model dtype;
-        False stores each ``M`` in the dtype of its layers' base weights (bf16/fp16 models), and the PiCa
-        term is then computed in that dtype (it follows ``M``). ``P`` stays float32 and is cast per call.
-        Quantised or float32 bases keep a float32 ``M``. ``M`` stays one parameter per group either way."""
+        """peft's ``autocast_adapter_dtype``: True (default) keeps ``M`` in float32; False stores each ``M`` in its
+        layers' bf16/fp16 base dtype, in which the PiCa term is then computed (``P`` stays float32, cast per call);
+        quantised or float32 bases keep a float32 ``M``."""
         if autocast_adapter_dtype or adapter_name not in self._updates():
             return
         dtypes: dict[str, torch.dtype] = {}
@@ -152,8 +146,7 @@ class PiCaModel(BaseTuner):
         for key, update in self._updates()[adapter_name].items():
             if key in dtypes:
                 cast = update.data.to(dtypes[key])
-                # low_cpu_mem_usage=True: M is still on the meta device here; peft calls this again after
-                # the load, when the values exist and are checked.
+                # low_cpu_mem_usage=True: M is still meta here; peft calls again after the load, with values
                 if cast.device.type != "meta" and not torch.isfinite(cast).all():
                     raise ValueError(f"PiCa adapter '{adapter_name}': M of group '{key}' does not fit in "
                                      f"{dtypes[key]} (autocast_adapter_dtype=False); keep the default True")
