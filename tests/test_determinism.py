@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from pica import PiCaConfig
+from pica.io import AdapterFileError
 from pica.projector import top_right_singular_vectors
 from tests.conftest import example_inputs, make_llama, model_output, randomize_updates
 
@@ -112,10 +113,11 @@ def test_one_and_two_threads_give_the_same_projector():
 
 
 @pytest.mark.parametrize("save_dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("storage", ["full", "none"])
+@pytest.mark.parametrize("storage", ["full", "compact"])
 def test_adapter_saved_in_one_dtype_reproduces_logits_in_fp32(save_dtype, storage, tmp_path):
-    """Save from a base in ``save_dtype``, load onto the same base in fp32. With ``projector_storage="none"``
-    P is recomputed from the fp32 weights, so this only works because signs are canonical."""
+    """Save from a base in ``save_dtype``, load onto the same base in fp32. With ``projector_storage="compact"``
+    P is recomputed from the fp32 weights (exact because signs are canonical), or refused where it misses the
+    sketch of the rounded base's: never silently another model."""
     model = get_peft_model(make_llama().to(save_dtype), PiCaConfig(rank=4, projector_storage=storage))
     randomize_updates(model, seed=4, scale=0.5)
     model.save_pretrained(tmp_path)
@@ -125,7 +127,11 @@ def test_adapter_saved_in_one_dtype_reproduces_logits_in_fp32(save_dtype, storag
         if ".pica_M." in name:
             reference.state_dict()[name].copy_(value)
     expected = model_output(reference, inputs)
-    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    try:
+        loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    except AdapterFileError as error:  # compact: the P recomputed from fp32 weights may miss the rounded base's sketch
+        assert storage == "compact" and save_dtype != torch.float64 and "misses the saved sketch" in str(error)
+        return
     error = float((model_output(loaded, inputs) - expected).abs().max() / expected.abs().max())
     # A recomputed P is exactly the fp32 one (measured 0.0). A stored P is the one of the rounded base the
     # adapter was trained on, so it differs from fp32's by the rounding (measured 1.9e-2 bf16, 7.7e-3 fp16).

@@ -55,12 +55,12 @@ def test_compact_refuses_a_base_whose_projector_differs(tmp_path):
         PeftModel.from_pretrained(make_llama(seed=7), tmp_path)
 
 
-def test_sizes_full_compact_none(tmp_path):
+def test_sizes_full_compact(tmp_path):
     sizes = {}
-    for storage in ("full", "compact", "none"):
+    for storage in ("full", "compact"):
         _saved("llama", tmp_path / storage, storage)
         sizes[storage] = (tmp_path / storage / "adapter_model.safetensors").stat().st_size
-    assert sizes["none"] < sizes["compact"] < sizes["full"]
+    assert sizes["compact"] < sizes["full"]
 
 
 def _matrix_with_spectrum(spectrum, out_features, in_features, seed):
@@ -101,7 +101,7 @@ def test_alignment_does_not_rotate_across_distinct_singular_values_and_reports_t
 def test_config_storage_modes_and_backward_compatibility(tmp_path):
     assert PiCaConfig().projector_storage == "full"
     assert "store_projector" not in PiCaConfig().to_dict()  # one field is written: projector_storage
-    for storage, old in (("full", True), ("compact", False), ("none", False)):  # pica 0.1.0 wrote both fields
+    for storage, old in (("full", True), ("compact", False)):  # pica 0.1.0 wrote both fields
         config = PiCaConfig(rank=2, projector_storage=storage)
         config.save_pretrained(tmp_path / storage)
         path = tmp_path / storage / "adapter_config.json"

@@ -56,7 +56,7 @@ def test_full_adapter_through_load_adapter_and_transformers(projector_calls, tmp
     assert not pica_layers(base) and not hasattr(base, "peft_config")
 
 
-@pytest.mark.parametrize("storage", ["compact", "none"])
+@pytest.mark.parametrize("storage", ["compact"])
 def test_adapters_without_p_still_compute_it(projector_calls, storage, tmp_path):
     expected = _saved(tmp_path, projector_storage=storage)
     projector_calls.clear()

@@ -41,8 +41,7 @@ def _logits(model) -> torch.Tensor:
         return model(INPUTS).logits
 
 
-@pytest.mark.parametrize("scheme, storage", [("nf4", "full"), ("nf4", "compact"), ("nf4", "none"),
-                                             ("int8", "full"), ("int8", "compact"), ("fp4", "full")])
+@pytest.mark.parametrize("scheme, storage", [("nf4", "full"), ("nf4", "compact"), ("int8", "full"), ("int8", "compact"), ("fp4", "full")])
 def test_save_load_onto_a_freshly_quantised_base_gives_identical_logits(llama_dir, scheme, storage, tmp_path):
     _, logits, adapter = _trained(llama_dir, scheme, tmp_path, storage)
     loaded = PeftModel.from_pretrained(load_quantized(llama_dir, scheme), adapter)
@@ -51,7 +50,7 @@ def test_save_load_onto_a_freshly_quantised_base_gives_identical_logits(llama_di
     assert recorded["method"] == ("bitsandbytes_8bit" if scheme == "int8" else "bitsandbytes_4bit")
 
 
-@pytest.mark.parametrize("scheme, storage", [("nf4", "full"), ("nf4", "compact"), ("nf4", "none"), ("int8", "full")])
+@pytest.mark.parametrize("scheme, storage", [("nf4", "full"), ("nf4", "compact"), ("int8", "full")])
 def test_adapter_trained_quantised_loads_onto_the_full_precision_weights_with_a_warning(llama_dir, scheme, storage,
                                                                                         tmp_path, caplog):
     model, _, adapter = _trained(llama_dir, scheme, tmp_path, storage)

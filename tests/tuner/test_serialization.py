@@ -1,6 +1,7 @@
 """Save/load round trips, one M per group on disk, fingerprint checks, rollback (DESIGN §4.6)."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pica import PiCaConfig
+from pica.io import AdapterFileError
 from pica.tuner.layer import PiCaLayer
 from tests.conftest import (
     example_inputs,
@@ -64,12 +66,26 @@ def test_round_trip_onto_bf16_base_keeps_sharing(tmp_path):
     assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
 
 
-def test_storage_none_recomputes_p(tmp_path):
-    model, expected = _trained("llama", tmp_path, projector_storage="none")
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert not any(key.endswith(".pica_P") for key in tensors)
-    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+def test_files_of_the_removed_storage_none_load_and_save_again_as_compact(tmp_path, caplog):
+    """Issue 26 removed ``projector_storage="none"``: its files (no P, no sketch) load as they were saved, P
+    recomputed; a new config asking for it gets ``"compact"``; saved again, the adapter has its sketches."""
+    _, expected = _trained("llama", tmp_path / "old", projector_storage="compact")
+    _corrupt(tmp_path / "old", lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".pica_sketch")]])
+    config_file = tmp_path / "old" / "adapter_config.json"  # what pica wrote for "none": M and fingerprints only
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "projector_storage": "none"}))
+    with caplog.at_level(logging.WARNING, logger="pica.tuner.config"):
+        loaded = PeftModel.from_pretrained(make_llama(), tmp_path / "old")
+    assert "projector_storage='none' was removed" in caplog.text
     assert torch.allclose(model_output(loaded, example_inputs("llama")), expected, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "adapter_config.json").read_text())["projector_storage"] == "compact"
+    assert any(key.endswith(".pica_sketch") for key in load_file(tmp_path / "new" / "adapter_model.safetensors"))
+    again = PeftModel.from_pretrained(make_llama(), tmp_path / "new")
+    assert torch.allclose(model_output(again, example_inputs("llama")), expected, atol=1e-5)
+    assert PiCaConfig(projector_storage="none").projector_storage == "compact"
+    _corrupt(tmp_path / "new", lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".pica_sketch")]])
+    with pytest.raises(AdapterFileError, match="projector sketch missing"):  # a compact file that lost them
+        PeftModel.from_pretrained(make_llama(), tmp_path / "new")
 
 
 def _is_pristine(base: nn.Module, reference_modules) -> bool:

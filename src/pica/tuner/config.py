@@ -26,7 +26,7 @@ PICA_PEFT_TYPE: PeftType = getattr(PeftType, PICA_NAME.upper())
 logger = logging.getLogger(__name__)
 
 _CHOICES = {"projector_dtype": ("float32", "float64"), "subspace": ("top", "random"),
-            "projector_storage": ("full", "compact", "none"), "forward_mode": ("auto", "factored")}
+            "projector_storage": ("full", "compact"), "forward_mode": ("auto", "factored")}
 _REMOVED_FORWARD_MODES = ("merged", "merged_keep")
 
 
@@ -46,8 +46,9 @@ class PiCaConfig(PeftConfig):
         modules_to_save: modules trained in full and saved with the adapter. projector_dtype: of P's computation.
         subspace: ``"top"`` (the method) or ``"random"`` (ablation: a random orthonormal ``P`` drawn from
             ``subspace_seed`` and the module name, stored like the top one).
-        projector_storage: ``"full"`` (the file holds every ``P``), ``"compact"`` (a sketch per layer; ``P`` is
-            recomputed at load and refused if it misses the sketch), ``"none"`` (recomputed, unchecked).
+        projector_storage: ``"full"`` (the file holds every ``P``) or ``"compact"`` (a sketch per layer; ``P`` is
+            recomputed at load and refused if it misses the sketch). The removed ``"none"`` reads as ``"compact"``
+            whose files may lack sketches (``P`` recomputed unchecked, as it was saved), with a warning.
         store_projector: init-only, the pica 0.1.0 name (True = ``"full"``); must agree with ``projector_storage``.
         forward_mode: ``"auto"`` (``x (W0 + M P)ᵀ`` in one product when exact and cheaper, else factored) or
             ``"factored"`` (``base(x) + (x Pᵀ) Mᵀ``). The removed ``"merged"``/``"merged_keep"`` read as ``"auto"``.
@@ -67,7 +68,7 @@ class PiCaConfig(PeftConfig):
     subspace: Literal["top", "random"] = field(default="top", metadata={"help": "'top' (PiCa) or 'random'."})
     subspace_seed: int = field(default=0, metadata={"help": "Seed of the random subspace (with the module name)."})
     store_projector: InitVar[Optional[bool]] = None
-    projector_storage: Literal["full", "compact", "none"] = field(default="full", metadata={"help": "What holds P."})
+    projector_storage: Literal["full", "compact"] = field(default="full", metadata={"help": "What holds P."})
     forward_mode: Literal["auto", "factored"] = field(default="auto", metadata={"help": "auto | factored."})
     init_weights: bool = field(default=True, metadata={"help": "True: M = 0. False: random M, for tests only."})
     base_quantization: Optional[dict] = field(default=None, metadata={"help": "Set by PiCa: the base's scheme."})
@@ -104,6 +105,10 @@ class PiCaConfig(PeftConfig):
         for name in ("share_across_layers", "inference_mode", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PiCaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.projector_storage == "none":  # files of earlier pica: no sketch; they load unchecked, as saved
+            logger.warning("PiCaConfig.projector_storage='none' was removed; using 'compact' (a sketch per layer "
+                           "checks the recomputed P): files saved with 'none' still load, P recomputed unchecked")
+            self.projector_storage, self.__dict__["unsketched"] = "compact", True
         if self.forward_mode in _REMOVED_FORWARD_MODES:  # e.g. an adapter_config.json of pica 0.2
             logger.warning("PiCaConfig.forward_mode=%r was removed; using 'auto', which computes the merged product "
                            "where it is exact and cheaper (the same outputs)", self.forward_mode)

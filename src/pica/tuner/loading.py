@@ -181,7 +181,7 @@ def check_for_model(model: nn.Module, config: PiCaConfig, adapter_name: str, sta
                     ) -> dict[str, torch.Tensor]:
     """2c. The remap hook: check an adapter state dict (model keys) against the ``PeftModel`` it is about to be
     loaded into; return what to load: each ``P`` the file does not store added (compact: aligned to its sketch;
-    ``"none"``: as computed at injection), the sketches removed.
+    a file of the removed ``"none"``: as computed at injection), the sketches removed.
 
     Raises:
         ValueError: naming modules with tensors missing, mis-shaped or not finite in the dtype they are loaded into
@@ -206,7 +206,7 @@ def check_for_model(model: nn.Module, config: PiCaConfig, adapter_name: str, sta
             wanted[p_key] = (f"{name}: P", (layer.rank[adapter_name], layer.in_features), layer.pica_P[adapter_name].dtype)
         elif p_key in state_dict:
             projector_problems.append(f"{name}: the file stores P but projector_storage is {storage!r}")
-        elif storage == "none":
+        elif sketch is None and config.__dict__.get("unsketched"):  # saved with the removed "none"
             result[p_key] = layer.pica_P[adapter_name]
         elif sketch is None:
             projector_problems.append(f"{name}: projector sketch missing (projector_storage='compact')")
