@@ -83,6 +83,10 @@ def test_files_of_the_removed_storage_none_load_and_save_again_as_compact(tmp_pa
     again = PeftModel.from_pretrained(make_llama(), tmp_path / "new")
     assert torch.allclose(model_output(again, example_inputs("llama")), expected, atol=1e-5)
     assert PiCaConfig(projector_storage="none").projector_storage == "compact"
+    second = PeftModel.from_pretrained(make_llama(), tmp_path / "new")  # load_adapter: peft parses the config itself
+    second.load_adapter(tmp_path / "old", adapter_name="old")
+    second.set_adapter("old")
+    assert torch.allclose(model_output(second, example_inputs("llama")), expected, atol=1e-5)
     _corrupt(tmp_path / "new", lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".pica_sketch")]])
     with pytest.raises(AdapterFileError, match="projector sketch missing"):  # a compact file that lost them
         PeftModel.from_pretrained(make_llama(), tmp_path / "new")
