@@ -17,8 +17,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .base_weights import (QUANTIZATION_METHODS, SCHEME_KEYS, base_weight_out_in, dequantize_4bit, dequantized,
-                            is_quantized, layer_scheme)
+from .base_weights import (
+    QUANTIZATION_METHODS,
+    SCHEME_KEYS,
+    base_weight_out_in,
+    dequantize_4bit,
+    dequantized,
+    is_quantized,
+    layer_scheme,
+)
 
 __all__ = ["BLOCK_SCALES", "adapter_view", "check_record", "quantization_distances", "quantization_record",
            "requantized_weight", "target_schemes"]

@@ -21,12 +21,12 @@ try:  # FSDP2 keeps the parameters of a unit that is not running as DTensor shar
 except ImportError:  # torch built without distributed support
     _Sharded = ()
 
-from ..functional import add_mixed_pica_terms, cheaper_form, delta_weight, merged_pica_linear, pica_delta
+from ..base_weights import base_shape, base_weight_out_in, is_quantized
 from ..fingerprint import FINGERPRINT_TOLERANCE, fingerprint_distance, weight_fingerprint
+from ..functional import add_mixed_pica_terms, cheaper_form, delta_weight, merged_pica_linear, pica_delta
+from ..quantization_record import adapter_view
 from ..sharded_state import broadcast_by_fsdp1, full_weight, local_entries, replicate_entries
 from ..shared_storage import apply_keeping_shares, share, take_for_load
-from ..base_weights import base_shape, base_weight_out_in, is_quantized
-from ..quantization_record import adapter_view
 
 logger = logging.getLogger(__name__)
 

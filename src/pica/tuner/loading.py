@@ -33,11 +33,11 @@ from ..io import AdapterFileError, check_safetensors_file, read_json_object, rea
 from ..load_arguments import call_arguments, refuse_unhonoured
 from ..module_state import restore_on_error
 from ..patterns import check_pattern_cost
+from ..quantization_record import adapter_view
 from ..sketch import SKETCH_TOLERANCE, align_to_sketch
 from .adapter_state import auxiliary_tensors, state_dict_module_name
 from .config import PICA_PEFT_TYPE, PiCaConfig
 from .layer import fingerprint_mismatches, merged_adapter_names, pica_layers
-from ..quantization_record import adapter_view
 
 __all__ = ["check_for_model", "load_checked", "projectors_being_loaded", "refuse_transformers_load_adapter", "validated_weights"]
 

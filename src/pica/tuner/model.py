@@ -13,12 +13,12 @@ from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ..base_weights import guard_quantized_layers, is_quantized
+from ..row_adapters import adapter_names_per_row
 from . import adapter_state, loading
 from .config import DEFAULT_TARGET_MODULES, PICA_PREFIX, PiCaConfig
 from .layer import Linear, PiCaLayer, check_merge, merged_adapter_names, pica_layers
 from .plan import AdapterPlan, plan_adapter
-from ..base_weights import guard_quantized_layers, is_quantized
-from ..row_adapters import adapter_names_per_row
 
 __all__ = ["PiCaModel"]
 

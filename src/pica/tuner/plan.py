@@ -16,13 +16,14 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..base_weights import base_shape, check_supported, is_quantized
 from ..fingerprint import FINGERPRINT_SIZE, weight_fingerprint
+from ..grouping import roles as group_roles
+from ..grouping import update_key, validate_groups
 from ..projector_batch import LazyWeight
 from ..projector_sharing import compute_projectors
-from ..grouping import roles as group_roles, update_key, validate_groups
-from ..random_subspace import random_orthonormal_rows
-from ..base_weights import base_shape, check_supported, is_quantized
 from ..quantization_record import adapter_view, quantization_distances, quantization_record, target_schemes
+from ..random_subspace import random_orthonormal_rows
 from .config import PiCaConfig
 from .layer import PiCaLayer
 
