@@ -3,22 +3,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_runs import run_benchmark
 
 
 def test_walks_are_measured_and_the_load_starts_in_loading(tmp_path: Path) -> None:
-    out = tmp_path / "load_walk.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_walk.py"), "--out", str(out)],
-                               check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    walks = json.loads(out.read_text())["walks"]
+    walks = run_benchmark("load_walk.py", out=tmp_path / "load_walk.json")["walks"]
     assert set(walks) == {"get_peft_model", "from_pretrained", "load_adapter", "training_forward_of_one_layer"}
     for walk in walks.values():
         assert walk["functions"] == len(walk["function_list"]) > 0

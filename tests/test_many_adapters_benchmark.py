@@ -3,25 +3,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "many_adapters.py"
+from tests.benchmark_runs import run_benchmark
 
 
 def test_quick_run_meets_the_memory_floor(tmp_path: Path) -> None:
-    out = tmp_path / "many_adapters.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
-                               check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert json.loads(completed.stdout) == result
-    assert "many_adapters.py" in result["machine"]["command"]
+    result = run_benchmark("many_adapters.py", "--quick", "--threads", "1", out=tmp_path / "many_adapters.json")
     for kind in ("pica_full", "pica_compact"):
         loads = result["loads"][kind]
         assert set(loads["adapter_mib"]) == {"1", "3", "5"}
