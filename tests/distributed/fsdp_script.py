@@ -27,8 +27,6 @@ ends with a barrier and ``destroy_process_group``.
 
 from __future__ import annotations
 
-import faulthandler
-import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -52,13 +50,13 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 import pica
 from tests.conftest import make_llama
 from tests.distributed.accelerate_config import config_policies, wrapped_by
+from tests.distributed.worker import publish, run
 
 STEPS = 3
 LR = 1e-2
 FSDP1_PREFIX = "_fsdp_wrapped_module."
 
 
-HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
 
 
 def _model(share: bool) -> PeftModel:
@@ -232,13 +230,8 @@ def main(out_file: str) -> None:
             except Exception as exc:  # noqa: BLE001
                 results["config"][name] = _error(exc)
             dist.barrier()
-    if rank == 0:
-        with open(out_file, "w") as handle:
-            json.dump(results, handle, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    publish(results, out_file)
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)  # a hang: every thread's stack, then exit
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -24,8 +24,6 @@ reference that each rank builds itself with projector sharing off (same seed, sa
 
 from __future__ import annotations
 
-import faulthandler
-import json
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -33,9 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model
+from peft.utils.other import fsdp_auto_wrap_policy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from transformers import LlamaForCausalLM
 
@@ -44,10 +42,10 @@ import pica.projector_sharing as sharing
 from pica.tuner.layer import pica_layers
 from tests.conftest import llama_config, make_llama
 from tests.distributed.fsdp_script import _clean, _full_updates, _gathered_updates
+from tests.distributed.worker import publish, run
 
 STEPS = 3
 LR = 1e-2
-HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
 
 
 def _config() -> pica.PiCaConfig:
@@ -262,13 +260,8 @@ def main(out_file: str) -> None:
     _run(results, "sharing/different_weights", rank, _shared, rank, own, None, rank)
     _run(results, "sharing/failure", rank, _shared, rank, expected, 1)
     _run(results, "sharing/after_failure", rank, _shared, rank, expected)  # the group still works
-    if rank == 0:
-        with open(out_file, "w") as handle:
-            json.dump(results, handle, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    publish(results, out_file)
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)  # a hang: every thread's stack, then exit
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -7,8 +7,8 @@ Marked ``multiprocess`` (deselect with ``-m "not multiprocess"``).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

@@ -14,7 +14,6 @@ without an active exception" (SIGABRT) after training has finished.
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import sys
@@ -28,9 +27,7 @@ from transformers import Trainer, TrainingArguments
 
 import pica
 from tests.conftest import make_llama
-
-
-HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
+from tests.distributed.worker import run
 
 
 def updates_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,5 +67,4 @@ def main(out_dir: str, global_batch: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)  # a hang: every thread's stack, then exit
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

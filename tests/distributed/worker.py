@@ -1,0 +1,27 @@
+"""What every multi-process test script does around its work: a hang watchdog, and rank 0 publishing the results."""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
+
+
+def publish(results: dict[str, Any], out_file: str) -> None:
+    """Rank 0 writes ``results`` as JSON to ``out_file``; every rank waits for it, then leaves the process group."""
+    if dist.get_rank() == 0:
+        with open(out_file, "w") as handle:
+            json.dump(results, handle, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(main: Callable[..., None], *args: Any) -> None:
+    """Call ``main(*args)``; a hang dumps every thread's stack and exits after :data:`HANG_DUMP_S` seconds."""
+    faulthandler.dump_traceback_later(HANG_DUMP_S, exit=True)
+    main(*args)
