@@ -1,4 +1,4 @@
-"""A PiCa adapter directory: its file names, its tensor keys, and what each stored tensor must be (pure torch).
+"""A PiCa adapter directory: its file names, its tensor keys, and what each stored tensor must be (no peft).
 
 File keys (peft removes the adapter name; ``<key>`` is the group with ``/`` for ``.``, e.g.
 ``model/layers/*/self_attn/q_proj``, or the module path for ``share_across_layers=False``)::
@@ -28,10 +28,9 @@ from .grouping import group_of, update_key
 from .io import AdapterFileError
 from .sketch import SKETCH_SIZE
 
-__all__ = ["CONFIG_NAME", "ORTHONORMAL_TOLERANCE", "UPDATE_PREFIX", "WEIGHTS_NAME", "AuxiliaryTensor", "check_tensor",
+__all__ = ["ORTHONORMAL_TOLERANCE", "UPDATE_PREFIX", "AuxiliaryTensor", "check_tensor",
            "file_projectors", "head_key_problems", "local_path", "misfit", "model_keys", "state_dict_module_name"]
 
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
 UPDATE_PREFIX = "base_model.pica_M."
 ORTHONORMAL_TOLERANCE = 1e-4
 """Largest accepted ``|P Pᵀ − I|`` entry of a stored ``P`` (saved ones are orthonormal to ~1e-6 in fp32)."""
@@ -51,7 +50,7 @@ def local_path(model_id: str | os.PathLike, subfolder: str | None) -> Path | Non
         return None
     if not path.is_dir():
         raise AdapterFileError(f"adapter directory {path} does not exist" if not path.exists() else
-                               f"{path} is a file; give the adapter directory that holds {CONFIG_NAME}")
+                               f"{path} is a file; give the adapter directory, the folder with adapter_config.json")
     return path / subfolder if subfolder else path
 
 

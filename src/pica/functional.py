@@ -70,7 +70,8 @@ def add_mixed_pica_terms(result: torch.Tensor, x: torch.Tensor, row_adapters: Se
             storage = name if projector.is_meta else projector.untyped_storage().data_ptr()
             groups.setdefault((storage, update.dtype), []).append(name)
     for (_, dtype), names in groups.items():
-        rows = [i for i, row in enumerate(row_adapters) if row in set(names)]
+        members = set(names)
+        rows = [i for i, row in enumerate(row_adapters) if row in members]
         widest = max(names, key=lambda name: terms[name][0].shape[0])
         x_rows = x if len(rows) == x.shape[0] else x.index_select(0, torch.tensor(rows, device=x.device))
         coordinates = pica_coordinates(x_rows, terms[widest][0], dtype)  # (len(rows), ..., widest rank)

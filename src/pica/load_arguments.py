@@ -1,4 +1,4 @@
-"""The arguments of a load call, by name, and the refusal of every one a PiCa load does not honour (pure torch).
+"""The arguments of a load call, by name, and the refusal of every one a PiCa load does not honour (no peft).
 
 peft's argument names are data here (one table), so an argument peft adds later is refused, never silently ignored.
 """

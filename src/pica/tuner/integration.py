@@ -24,8 +24,8 @@ from typing import Any
 
 import peft.peft_model
 from peft import PeftModel
+from peft.utils.constants import CONFIG_NAME
 
-from ..adapter_format import CONFIG_NAME
 from ..io import atomic_directory_update
 from ..load_arguments import call_arguments
 from ..wrapping import Target, is_wrapped, unwrap, wrap

@@ -178,9 +178,11 @@ def plan_adapter(model: nn.Module, config: PiCaConfig, is_target: Callable[[str]
         if held:
             logger.info("PiCa: %d of %d projectors taken from another adapter's (same weight and settings)",
                         len(held), len(real))
-    layers = {name: LayerPlan(groups[name], *((projectors[name], fingerprints[name]) if name in fingerprints else (
-        torch.empty(rank, shape[1], device="meta"), torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta"))),
-        schemes.get(name), origins[name]) for name, shape in shapes.items()}  # P (rank, in); meta for a weightless base
+    layers = {}
+    for name, shape in shapes.items():  # a weightless (meta) base gets meta P (rank, in) and fingerprint
+        projector = projectors[name] if name in fingerprints else torch.empty(rank, shape[1], device="meta")
+        fingerprint = fingerprints.get(name, torch.empty(FINGERPRINT_SIZE, dtype=torch.float64, device="meta"))
+        layers[name] = LayerPlan(groups[name], projector, fingerprint, schemes.get(name), origins[name])
     updates = {update_key(role): nn.Parameter(torch.zeros(shapes[names[0]][0], rank,  # (out, rank) fp32, zero
                                                           device=targets[names[0]].weight.device))
                for role, names in members.items()}
