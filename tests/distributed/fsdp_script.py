@@ -50,7 +50,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 import pica
 from tests.conftest import make_llama
 from tests.distributed.accelerate_config import config_policies, wrapped_by
-from tests.distributed.worker import publish, run
+from tests.distributed.worker import publish, run, start
 
 STEPS = 3
 LR = 1e-2
@@ -184,11 +184,7 @@ def _error(exc: Exception) -> dict[str, Any]:
 
 def main(out_file: str) -> None:
     """Run every variant (see the module docstring); rank 0 writes ``out_file``."""
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2, world
-    batch = torch.randint(1, 96, (4, 12), generator=torch.Generator().manual_seed(1))  # (global batch, length)
-    local = batch.chunk(world)[rank]
+    rank, batch, local = start()
     results: dict[str, dict[str, Any]] = {"train": {}, "round_trip": {}, "config": {}}
     for share in (True, False):
         sharing = "shared" if share else "unshared"

@@ -41,11 +41,8 @@ import pica
 import pica.projector_sharing as sharing
 from pica.tuner.layer import pica_layers
 from tests.conftest import llama_config, make_llama
-from tests.distributed.fsdp_script import _clean, _full_updates, _gathered_updates
-from tests.distributed.worker import publish, run
-
-STEPS = 3
-LR = 1e-2
+from tests.distributed.fsdp_script import _clean, _full_updates, _gathered_updates, _train
+from tests.distributed.worker import publish, run, start
 
 
 def _config() -> pica.PiCaConfig:
@@ -102,14 +99,6 @@ def _compare_buffers(got: dict, expected: dict) -> dict[str, Any]:
     same_p = set(got) == set(expected) and all(torch.equal(got[k][0], expected[k][0]) for k in expected)
     same_fp = set(got) == set(expected) and all(torch.equal(got[k][1], expected[k][1]) for k in expected)
     return {"layers": len(got), "P_bitwise": same_p, "fingerprints_bitwise": same_fp}
-
-
-def _train(model: nn.Module, batch: torch.Tensor) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    for _ in range(STEPS):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def _unset(model: nn.Module) -> int:
@@ -241,11 +230,7 @@ def _run(results: dict, key: str, rank: int, function, *args) -> None:
 
 def main(out_file: str) -> None:
     """Run every section (see the module docstring); rank 0 writes ``out_file``."""
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2, world
-    batch = torch.randint(1, 96, (4, 12), generator=torch.Generator().manual_seed(1))  # (global batch, length)
-    local = batch.chunk(world)[rank]
+    rank, batch, local = start()
     reference = _reference()
     expected = _buffers(reference)
     _train(reference, batch)

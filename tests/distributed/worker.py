@@ -7,9 +7,20 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 HANG_DUMP_S = 180  # below the tests' torchrun timeout (240 s)
+
+
+def start() -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Join the 2-rank gloo group; return ``(rank, batch, local)``: the global ``(4, 12)`` token batch every
+    rank draws alike, and this rank's half of it."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, world
+    batch = torch.randint(1, 96, (4, 12), generator=torch.Generator().manual_seed(1))  # (global batch, length)
+    return rank, batch, batch.chunk(world)[rank]
 
 
 def publish(results: dict[str, Any], out_file: str) -> None:
